@@ -1,0 +1,446 @@
+"""Typed, validated configuration for every knob in k2jax.
+
+A run is described by one `Config` (model, optim, data, train, checkpoint,
+mesh). Configs come from YAML files plus `--set section.key=value` overrides;
+every key is checked against the dataclass fields (unknown keys name close
+matches), every value against the field type, and shapes for consistency,
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, ill-typed or inconsistent."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnConfig:
+    """YaRN RoPE extension (as in DeepSeek-V3 / Kimi-K2 `rope_scaling`)."""
+
+    factor: float = 1.0
+    original_max_position: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    def __post_init__(self):
+        _require(self.factor >= 1.0, "model.yarn.factor", f"must be >= 1, got {self.factor}")
+        _require(self.original_max_position > 0, "model.yarn.original_max_position", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of a DeepSeek-V3 / Kimi-K2 style MoE decoder."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    num_layers: int = 2
+    num_dense_layers: int = 1  # leading layers with a dense FFN instead of MoE
+    dense_ffn_dim: int = 384
+    max_seq_len: int = 4096
+
+    # Attention: "mha" (num_kv_heads == num_heads), "gqa" or "mla".
+    attention: Literal["mha", "gqa", "mla"] = "mha"
+    num_heads: int = 4
+    num_kv_heads: int = 4  # mha/gqa only
+    head_dim: int = 32  # mha/gqa query/key/value head size
+    # MLA (attention == "mla"); q_lora_rank 0 means a direct query projection.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    yarn: Optional[YarnConfig] = None
+
+    # MoE (used by layers after the first num_dense_layers).
+    num_experts: int = 8
+    experts_per_token: int = 2
+    num_shared_experts: int = 1
+    expert_ffn_dim: int = 96
+    router: Literal["sigmoid_bias", "softmax_topk"] = "sigmoid_bias"
+    num_expert_groups: int = 1
+    top_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    aux_loss_coef: float = 0.0  # load-balancing loss (softmax_topk router)
+    router_z_loss_coef: float = 0.0
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing bias step (sigmoid_bias)
+    moe_dispatch: Literal["ragged", "capacity"] = "ragged"
+    capacity_factor: float = 1.25
+
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = False
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    remat: Literal["none", "full", "dots"] = "none"
+    scan_layers: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        positive = ["vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"]
+        for name in positive:
+            _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(0 <= self.num_dense_layers <= self.num_layers, "model.num_dense_layers",
+                 f"must be between 0 and num_layers={self.num_layers}, got {self.num_dense_layers}")
+        _require(self.attention in ("mha", "gqa", "mla"), "model.attention",
+                 f"unknown attention kind {self.attention!r}; choose 'mha', 'gqa' or 'mla'")
+        if self.num_dense_layers > 0:
+            _require(self.dense_ffn_dim > 0, "model.dense_ffn_dim", "must be positive when dense layers exist")
+        if self.attention == "mha":
+            _require(self.num_kv_heads == self.num_heads, "model.num_kv_heads",
+                     f"must equal num_heads={self.num_heads} for attention='mha' (use 'gqa' for fewer)")
+        if self.attention in ("mha", "gqa"):
+            _require(self.num_kv_heads > 0, "model.num_kv_heads", "must be positive")
+            _require(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
+                     f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
+            _require(self.head_dim > 0 and self.head_dim % 2 == 0, "model.head_dim",
+                     f"must be positive and even (RoPE rotates pairs), got {self.head_dim}")
+        if self.attention == "mla":
+            _require(self.kv_lora_rank > 0, "model.kv_lora_rank", "must be positive for attention='mla'")
+            _require(self.kv_lora_rank <= self.d_model, "model.kv_lora_rank",
+                     f"rank {self.kv_lora_rank} is larger than d_model={self.d_model}")
+            _require(0 <= self.q_lora_rank <= self.d_model, "model.q_lora_rank",
+                     f"rank {self.q_lora_rank} must be in [0, d_model={self.d_model}]")
+            _require(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
+                     "must be positive and even")
+            _require(self.qk_nope_head_dim > 0, "model.qk_nope_head_dim", "must be positive")
+            _require(self.v_head_dim > 0, "model.v_head_dim", "must be positive")
+        if self.has_moe:
+            _require(self.num_experts > 0, "model.num_experts", "must be positive when MoE layers exist")
+            _require(0 < self.experts_per_token <= self.num_experts, "model.experts_per_token",
+                     f"must be in [1, num_experts={self.num_experts}], got {self.experts_per_token}")
+            _require(self.expert_ffn_dim > 0, "model.expert_ffn_dim", "must be positive")
+            _require(self.num_shared_experts >= 0, "model.num_shared_experts", "must be >= 0")
+            _require(self.num_expert_groups > 0 and self.num_experts % self.num_expert_groups == 0,
+                     "model.num_expert_groups",
+                     f"must divide num_experts={self.num_experts}, got {self.num_expert_groups}")
+            _require(0 < self.top_groups <= self.num_expert_groups, "model.top_groups",
+                     f"must be in [1, num_expert_groups={self.num_expert_groups}], got {self.top_groups}")
+            per_group = self.num_experts // self.num_expert_groups
+            _require(self.experts_per_token <= self.top_groups * per_group, "model.experts_per_token",
+                     f"{self.experts_per_token} experts cannot be chosen from {self.top_groups} groups "
+                     f"of {per_group}")
+            _require(self.capacity_factor > 0, "model.capacity_factor", "must be positive")
+        _require(self.rms_eps > 0, "model.rms_eps", "must be positive")
+
+    @property
+    def has_moe(self) -> bool:
+        return self.num_layers > self.num_dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one head's query/key (the softmax scale is its -1/2 power)."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        return self.v_head_dim if self.attention == "mla" else self.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer family, its hyper-parameters and the learning-rate schedule."""
+
+    name: Literal["muonclip", "muon", "adamw"] = "muonclip"
+    learning_rate: float = 2e-3
+    adam_learning_rate: Optional[float] = None  # defaults to learning_rate (RMS matching)
+    weight_decay: float = 0.1
+    # Muon
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    rms_scale: float = 0.2  # update RMS = rms_scale * sqrt(max(A, B)) matching
+    # AdamW (also the non-matrix branch of Muon/MuonClip)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    # QK-Clip
+    qk_clip_tau: float = 100.0
+    qk_clip_alpha: float = 0.5
+    # Schedule
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying
+    min_lr_ratio: float = 0.1
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        _require(self.learning_rate >= 0, "optim.learning_rate", "must be >= 0")
+        _require(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        _require(self.qk_clip_tau > 0, "optim.qk_clip_tau", "must be positive")
+        _require(0 <= self.qk_clip_alpha <= 1, "optim.qk_clip_alpha", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 <= self.decay_fraction <= 1, "optim.decay_fraction", "must be in [0, 1]")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(len(self.ns_coeffs) == 3, "optim.ns_coeffs", "needs exactly three coefficients")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes fixed-length rows."""
+
+    corpus: str = "stdlib"  # "stdlib" (Python's own sources), a directory, a .txt/.jsonl file
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    bpe_vocab_size: int = 1024
+    seq_len: int = 128
+    heldout_fraction: float = 0.02
+    max_corpus_bytes: int = 8_000_000  # cap on text read from the corpus
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.seq_len > 1, "data.seq_len", "must be > 1")
+        _require(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
+        _require(self.bpe_vocab_size >= 260, "data.bpe_vocab_size", "must be >= 260")
+        _require(self.max_corpus_bytes > 0, "data.max_corpus_bytes", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, batch, evaluation and logging cadence."""
+
+    steps: int = 200
+    batch_size: int = 16  # global, in rows of data.seq_len tokens
+    grad_accum: int = 1  # micro-batches per step; must divide batch_size
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    seed: int = 0
+    out_dir: str = "runs/default"
+    progress: bool = True
+
+    def __post_init__(self):
+        _require(self.steps > 0, "train.steps", "must be positive")
+        _require(self.batch_size > 0, "train.batch_size", "must be positive")
+        _require(self.grad_accum > 0, "train.grad_accum", "must be positive")
+        _require(self.batch_size % self.grad_accum == 0, "train.grad_accum",
+                 f"must divide train.batch_size={self.batch_size}, got {self.grad_accum}")
+        _require(self.eval_every > 0, "train.eval_every", "must be positive")
+        _require(self.log_every > 0, "train.log_every", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing cadence and retention."""
+
+    every: int = 100
+    keep: int = 2  # most recent checkpoints kept (the best eval one is kept too)
+    async_save: bool = True
+
+    def __post_init__(self):
+        _require(self.every > 0, "checkpoint.every", "must be positive")
+        _require(self.keep > 0, "checkpoint.keep", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape; -1 on one axis takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
+        for name, v in sizes.items():
+            _require(v == -1 or v > 0, f"mesh.{name}", f"must be positive or -1, got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                 f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+# --------------------------------------------------------------------------
+# Building configs from plain dictionaries (YAML) with strict checking.
+# --------------------------------------------------------------------------
+
+
+def _type_error(path: str, expected: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting YAML forms where lossless."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}{hint}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(path, "a list", value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{path}[{i}]", args[0], v) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(f"{path}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise _type_error(path, "a mapping", value)
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(path, "true/false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(path, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(path, "a number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(path, "a string", value)
+        return value
+    return value
+
+
+def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Known keys: {', '.join(sorted(known))}."
+    where = f"{path}.{key}" if path else key
+    return ConfigError(f"unknown config key '{where}'.{hint}")
+
+
+def from_dict(cls: type, raw: dict, path: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown or ill-typed keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    raw = dict(raw)
+    base = None
+    if cls is ModelConfig and "preset" in raw:
+        from k2jax.model.presets import get_preset
+
+        base = get_preset(raw.pop("preset"))
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown_key(path, key, names + (["preset"] if cls is ModelConfig else []))
+        kwargs[key] = _coerce(f"{path}.{key}" if path else key, hints[key], value)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (tuples as lists), suitable for YAML/JSON."""
+
+    def convert(v):
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ["train.steps=20", "model.preset=tiny"] into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set_path(tree, key, yaml.safe_load(text) if text.strip() else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML experiment file (or the defaults) and apply `--set` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = loaded
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return from_dict(Config, raw)

@@ -1,0 +1,77 @@
+"""Small building blocks: parameter creation, RMSNorm, embeddings, SwiGLU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.config import ModelConfig
+from k2jax.params import param_metadata
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def make_param(rngs: nnx.Rngs, shape, cfg: ModelConfig, *, axes, kind="matrix", in_axes=(), qk=None,
+               qk_stats=None, init="normal", std=None) -> nnx.Param:
+    """An nnx.Param carrying k2jax metadata (see k2jax/params.py).
+
+    init: "normal" (std defaults to cfg.init_std), "ones" or "zeros".
+    """
+    dtype = dtype_of(cfg.param_dtype)
+    if init == "normal":
+        value = jax.random.normal(rngs.params(), shape, jnp.float32) * (cfg.init_std if std is None else std)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    return nnx.Param(value.astype(dtype), **param_metadata(axes, kind, in_axes, qk, qk_stats))
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in float32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.eps = cfg.rms_eps
+        self.scale = make_param(rngs, (dim,), cfg, axes=("norm",), kind="norm", init="ones")
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table (V, D); `attend` gives tied output logits."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cdtype = dtype_of(cfg.compute_dtype)
+        self.table = make_param(rngs, (cfg.vocab_size, cfg.d_model), cfg, axes=("vocab", "embed"),
+                                kind="embedding", std=1.0)
+
+    def __call__(self, tokens):  # (B, T) -> (B, T, D)
+        return jnp.take(self.table[...], tokens, axis=0).astype(self.cdtype)
+
+    def attend(self, x):  # (B, T, D) -> (B, T, V)
+        return jnp.einsum("btd,vd->btv", x, self.table[...].astype(x.dtype))
+
+
+class SwiGLU(nnx.Module):
+    """Dense gated FFN: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, cfg: ModelConfig, ffn_dim: int, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.gate = make_param(rngs, (d, ffn_dim), cfg, axes=("embed", "mlp"), in_axes=("embed",))
+        self.up = make_param(rngs, (d, ffn_dim), cfg, axes=("embed", "mlp"), in_axes=("embed",))
+        self.down = make_param(rngs, (ffn_dim, d), cfg, axes=("mlp", "embed"), in_axes=("mlp",))
+
+    def __call__(self, x):  # (..., D) -> (..., D)
+        dt = x.dtype
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        return h @ self.down[...].astype(dt)
