@@ -1,0 +1,144 @@
+"""Mixture-of-Experts FFN: DeepSeek-V3 routing, dropless ragged dispatch, capacity dispatch.
+
+Routing is a pure function (`route`); expert compute either sorts token copies by
+expert and runs jax.lax.ragged_dot (dropless, default) or packs them into
+fixed-capacity (E, C, D) buffers with one-hot einsums (the GSPMD expert-parallel
+form, which drops overflow). The aux-loss-free balancing bias lives in a
+RouterBias variable that the optimizer never sees; `update_router_bias` is the
+pure update the train step applies after each step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.config import ModelConfig
+from k2jax.model.layers import SwiGLU, dtype_of, make_param
+
+
+class RouterBias(nnx.Variable):
+    """Per-expert selection bias (E,) for aux-loss-free load balancing (not trained by gradients)."""
+
+
+def route(logits, bias, cfg: ModelConfig):
+    """Router logits (N, E) float32 -> expert ids (N, K) int32, combine weights (N, K) float32."""
+    n, e = logits.shape
+    k = cfg.experts_per_token
+    if cfg.router == "sigmoid_bias":
+        scores = jax.nn.sigmoid(logits)
+        choice = scores + bias  # the bias steers selection only, never the combine weights
+        groups = choice.reshape(n, cfg.num_expert_groups, e // cfg.num_expert_groups)
+        group_score = jax.lax.top_k(groups, min(2, groups.shape[-1]))[0].sum(-1)  # (N, G)
+        top_groups = jax.lax.top_k(group_score, cfg.top_groups)[1]
+        group_mask = jnp.zeros_like(group_score, bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+        allowed = jnp.repeat(group_mask, e // cfg.num_expert_groups, axis=1)
+        ids = jax.lax.top_k(jnp.where(allowed, choice, -jnp.inf), k)[1]
+        weights = jnp.take_along_axis(scores, ids, axis=1)
+    else:
+        probs = jax.nn.softmax(logits, axis=-1)
+        weights, ids = jax.lax.top_k(probs, k)
+    if cfg.norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return ids.astype(jnp.int32), weights * cfg.routed_scaling_factor
+
+
+def update_router_bias(bias, expert_counts, rate):
+    """bias (..., E) + rate * sign(mean load - load): overloaded experts become less likely."""
+    mean = jnp.mean(expert_counts, axis=-1, keepdims=True)
+    return bias + rate * jnp.sign(mean - expert_counts).astype(bias.dtype)
+
+
+def _swiglu_ragged(xs, gate, up, down, group_sizes):
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
+    return jax.lax.ragged_dot(h, down, group_sizes)
+
+
+def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down):
+    """Dropless: x (N, D), ids/weights (N, K), expert weights (E, D, F)/(E, F, D) -> (N, D)."""
+    n, k = ids.shape
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # token copies grouped by expert
+    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
+    ys = _swiglu_ragged(x[order // k], w_gate, w_up, w_down, group_sizes)  # (N*K, D)
+    ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype)), jnp.zeros((), jnp.float32)
+
+
+def dispatch_capacity(x, ids, weights, valid, w_gate, w_up, w_down, capacity_factor):
+    """Fixed capacity per expert, filled in token order; overflow is dropped.
+
+    Returns (N, D) and the fraction of valid assignments dropped.
+    """
+    n, k = ids.shape
+    e = w_gate.shape[0]
+    capacity = max(1, math.ceil(capacity_factor * n * k / e))
+    assign = jax.nn.one_hot(ids, e, dtype=jnp.int32) * valid[:, None, None]  # (N, K, E)
+    slot = jnp.cumsum(assign.reshape(n * k, e), axis=0).reshape(n, k, e) * assign - 1  # -1: not assigned
+    kept = (slot >= 0) & (slot < capacity)
+    dispatch = jax.nn.one_hot(jnp.where(kept, slot, -1), capacity, dtype=x.dtype)  # (N, K, E, C)
+    combine = jnp.einsum("nkec,nk->nec", dispatch, weights.astype(x.dtype))
+    dispatch = dispatch.sum(axis=1)  # (N, E, C): a token visits an expert at most once
+    xe = jnp.einsum("nec,nd->ecd", dispatch, x)
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, w_gate)) * jnp.einsum("ecd,edf->ecf", xe, w_up)
+    ye = jnp.einsum("ecf,efd->ecd", h, w_down)
+    total = jnp.maximum(jnp.sum(assign), 1)
+    return jnp.einsum("nec,ecd->nd", combine, ye), 1.0 - jnp.sum(kept) / total
+
+
+class MoE(nnx.Module):
+    """x (B, T, D), valid (B, T) -> y (B, T, D), stats (expert_counts (E,), aux_loss, z_loss, dropped_fraction)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn_dim
+        self.router = make_param(rngs, (d, e), cfg, axes=("embed", "experts"), kind="router")
+        self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
+        expert_in = dict(axes=("experts", "embed", "expert_mlp"), in_axes=("embed",))
+        self.wi_gate = make_param(rngs, (e, d, f), cfg, **expert_in)
+        self.wi_up = make_param(rngs, (e, d, f), cfg, **expert_in)
+        self.wo = make_param(rngs, (e, f, d), cfg, axes=("experts", "expert_mlp", "embed"), in_axes=("expert_mlp",))
+        self.shared = SwiGLU(cfg, cfg.num_shared_experts * f, rngs) if cfg.num_shared_experts else None
+
+    def __call__(self, x, valid):
+        cfg = self.cfg
+        b, t, d = x.shape
+        xf = x.reshape(b * t, d)
+        vf = valid.reshape(-1)
+        logits = xf.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # (N, E)
+        ids, weights = route(logits, self.bias[...], cfg)
+        weights = weights * vf[:, None]
+        cdt = dtype_of(cfg.compute_dtype)
+        experts = (self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
+        if cfg.moe_dispatch == "ragged":
+            y, dropped = dispatch_ragged(xf, ids, weights, *experts)
+        else:
+            y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, cfg.capacity_factor)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        vmask = vf.astype(jnp.float32)
+        counts = jnp.sum(jax.nn.one_hot(ids, cfg.num_experts, dtype=jnp.float32) * vmask[:, None, None], axis=(0, 1))
+        return y.reshape(b, t, d).astype(x.dtype), {
+            "expert_counts": counts,
+            "aux_loss": cfg.aux_loss_coef * _balance_loss(logits, counts, vmask, cfg),
+            "z_loss": cfg.router_z_loss_coef * _z_loss(logits, vmask),
+            "dropped_fraction": jnp.asarray(dropped, jnp.float32),
+        }
+
+
+def _balance_loss(logits, counts, vmask, cfg: ModelConfig):
+    """Switch-style E * sum_e f_e * P_e over valid tokens (softmax router only)."""
+    if cfg.router != "softmax_topk":
+        return jnp.zeros((), jnp.float32)
+    n_valid = jnp.maximum(jnp.sum(vmask), 1.0)
+    f = counts / (n_valid * cfg.experts_per_token)
+    p = jnp.sum(jax.nn.softmax(logits, axis=-1) * vmask[:, None], axis=0) / n_valid
+    return cfg.num_experts * jnp.sum(f * p)
+
+
+def _z_loss(logits, vmask):
+    z = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(z * z * vmask) / jnp.maximum(jnp.sum(vmask), 1.0)
