@@ -1,0 +1,71 @@
+"""MuonClip and friends as optax transformations driven by parameter metadata.
+
+    tx = muonclip(learning_rate, param_info(state))          # any optax code
+    updates, opt_state = tx.update(grads, opt_state, params, attn_max_logits=stats["max_logits"])
+
+`make_optimizer(OptimConfig, infos, total_steps)` builds "muonclip", "muon" or
+"adamw" with gradient clipping and the schedule, all accepting the same
+`attn_max_logits` keyword so the train step never changes.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from k2jax.config import OptimConfig
+from k2jax.optim.muon import MUON, muon_or_adamw, rule_of
+from k2jax.optim.qk_clip import QKClipState, qk_clip
+from k2jax.optim.schedules import make_schedule
+from k2jax.params import ParamInfo
+
+__all__ = ["muonclip", "make_optimizer", "make_schedule", "qk_clip", "qk_clip_metrics", "describe"]
+
+
+def muonclip(learning_rate, param_infos, *, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
+             ns_coeffs=(3.4445, -4.7750, 2.0315), rms_scale=0.2, adam_learning_rate=None, adam_b1=0.9,
+             adam_b2=0.95, adam_eps=1e-8, tau=100.0, alpha=0.5, clip=True) -> optax.GradientTransformationExtraArgs:
+    """Muon (matrices) + AdamW (the rest), then QK-Clip on query/key projections (if clip)."""
+    base = muon_or_adamw(learning_rate, param_infos, weight_decay=weight_decay, momentum=momentum,
+                         nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs, rms_scale=rms_scale,
+                         adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps)
+    parts = [base, qk_clip(param_infos, tau, alpha)] if clip else [base]
+    return optax.chain(*parts)
+
+
+def make_optimizer(cfg: OptimConfig, param_infos, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """Gradient clipping, then the configured optimizer on the configured schedule."""
+    lr = make_schedule(cfg, total_steps)
+    adam_lr = None if cfg.adam_learning_rate is None else make_schedule(cfg, total_steps, cfg.adam_learning_rate)
+    common = dict(weight_decay=cfg.weight_decay, adam_learning_rate=adam_lr, adam_b1=cfg.adam_b1,
+                  adam_b2=cfg.adam_b2, adam_eps=cfg.adam_eps)
+    if cfg.name == "adamw":
+        tx = muon_or_adamw(lr, param_infos, use_muon=False, **common)
+    else:
+        tx = muonclip(lr, param_infos, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                      ns_coeffs=cfg.ns_coeffs, rms_scale=cfg.rms_scale, tau=cfg.qk_clip_tau,
+                      alpha=cfg.qk_clip_alpha, clip=cfg.name == "muonclip", **common)
+    if cfg.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return optax.with_extra_args_support(tx)
+
+
+def qk_clip_metrics(opt_state) -> dict:
+    """{"clipped_heads", "min_gamma"} from the QK-Clip state inside an optimizer state (empty if none)."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, QKClipState))
+             if isinstance(s, QKClipState)]
+    return {"clipped_heads": found[0].clipped_heads, "min_gamma": found[0].min_gamma} if found else {}
+
+
+def describe(param_infos, optimizer: str = "muonclip") -> list[tuple[str, str, str, str]]:
+    """(path, logical axes, update rule, qk-clip role) per parameter, for `k2jax info --params`."""
+    rows = []
+    for path, info in jax.tree_util.tree_flatten_with_path(param_infos, is_leaf=lambda x: isinstance(x, ParamInfo))[0]:
+        rule = rule_of(info, use_muon=optimizer != "adamw")
+        if rule == MUON:
+            rule = f"muon(in={','.join(info.axes[i] for i in info.reduction_axes)})"
+        clip = "-"
+        if optimizer == "muonclip" and info.qk:
+            clip = "+".join(f"{role}:{w}" for role, w in info.qk) + f" @{info.qk_stats}"
+        rows.append(("/".join(str(getattr(k, "key", k)) for k in path), "(" + ",".join(info.axes) + ")", rule, clip))
+    return rows

@@ -1,0 +1,152 @@
+"""The K2 / DeepSeek-V3 style decoder: embeddings, dense then MoE blocks, output head.
+
+The forward pass returns logits and the statistics the training step needs:
+per-layer, per-head max attention logits (for QK-Clip), per-layer expert loads
+(for the balancing bias and metrics) and the router losses.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2jax.config import ModelConfig
+from k2jax.model.attention import Attention
+from k2jax.model.layers import Embed, RMSNorm, SwiGLU, make_param
+from k2jax.model.moe import MoE, update_router_bias
+from k2jax.model.rope import rope_tables
+
+DENSE, MOE = "dense_layers", "moe_layers"
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)) (dense or MoE)."""
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool, stats_key: str, rngs: nnx.Rngs):
+        self.is_moe = moe
+        self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        self.attn = Attention(cfg, stats_key=stats_key, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        self.ffn = MoE(cfg, rngs) if moe else SwiGLU(cfg, cfg.dense_ffn_dim, rngs)
+
+    def __call__(self, x, rope, segment_ids):
+        h, max_logits = self.attn(self.attn_norm(x), rope, segment_ids)  # (B, T, D), (H,)
+        x = x + h
+        if self.is_moe:
+            h, moe_stats = self.ffn(self.ffn_norm(x), segment_ids > 0)
+        else:
+            h, moe_stats = self.ffn(self.ffn_norm(x)), {}
+        return x + h, {"max_logits": max_logits, **moe_stats}
+
+
+def _stacked_blocks(cfg: ModelConfig, n: int, moe: bool, key: str, rngs: nnx.Rngs) -> Block:
+    """n blocks with parameters stacked on a leading "layers" axis (for nnx.scan)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return Block(cfg, moe=moe, stats_key=key, rngs=rngs)
+
+    return make(rngs)
+
+
+class Transformer(nnx.Module):
+    """tokens (B, T) -> logits (B, T, V), stats."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs)
+        self.dense_layers = self._make_stack(DENSE, cfg.num_dense_layers, False, rngs)
+        self.moe_layers = self._make_stack(MOE, cfg.num_moe_layers, True, rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), cfg, axes=("embed", "vocab"),
+                                      kind="unembedding")
+
+    def _make_stack(self, name, n, moe, rngs):
+        if n == 0:
+            return None
+        if self.cfg.scan_layers:
+            return _stacked_blocks(self.cfg, n, moe, name, rngs)
+        return nnx.List([Block(self.cfg, moe=moe, stats_key=f"{name}.{i}", rngs=rngs) for i in range(n)])
+
+    def _run_stack(self, name, stack, x, rope, segment_ids, stats):
+        if stack is None:
+            return x
+        if not self.cfg.scan_layers:
+            for i, block in enumerate(stack):
+                x, stats[f"{name}.{i}"] = self._maybe_remat(lambda b, x: b(x, rope, segment_ids))(block, x)
+            return x
+
+        def body(x, block):
+            return block(x, rope, segment_ids)
+
+        scan = nnx.scan(self._maybe_remat(body), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                        transform_metadata={nnx.PARTITION_NAME: "layers"})
+        x, stats[name] = scan(x, stack)  # every stat gains a leading L axis
+        return x
+
+    def _maybe_remat(self, fn):
+        if self.cfg.remat == "none":
+            return fn
+        return nnx.remat(fn, policy=_REMAT_POLICIES[self.cfg.remat])
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """tokens, positions, segment_ids: int32 (B, T); segment 0 marks padding.
+
+        Returns logits (B, T, V) in float32 and a stats dict:
+          max_logits[key]: (L, H) or (H,) float32, keyed like the params' qk_stats;
+          expert_counts[key]: (L, E) or (E,) tokens routed per expert (MoE stacks);
+          aux_loss, z_loss: scalars summed over layers; dropped_fraction: mean over MoE layers.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        rope = rope_tables(self.cfg, positions)
+        x = self.embed(tokens)
+        per_layer: dict = {}
+        x = self._run_stack(DENSE, self.dense_layers, x, rope, segment_ids, per_layer)
+        x = self._run_stack(MOE, self.moe_layers, x, rope, segment_ids, per_layer)
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = x @ self.lm_head[...].astype(x.dtype)
+        return logits.astype(jnp.float32), _collect_stats(per_layer)
+
+    def moe_blocks(self):
+        """(stats key, block) for every MoE stack or layer, matching stats["expert_counts"]."""
+        if self.moe_layers is None:
+            return []
+        if self.cfg.scan_layers:
+            return [(MOE, self.moe_layers)]
+        return [(f"{MOE}.{i}", blk) for i, blk in enumerate(self.moe_layers)]
+
+    def update_router_biases(self, expert_counts: dict, rate: float) -> None:
+        """Aux-loss-free balancing: nudge each MoE layer's router bias toward equal load."""
+        if self.cfg.router != "sigmoid_bias":
+            return
+        for key, block in self.moe_blocks():
+            bias = block.ffn.bias
+            bias.value = update_router_bias(bias.value, expert_counts[key], rate)
+
+
+def _collect_stats(per_layer: dict) -> dict:
+    max_logits = {k: v["max_logits"] for k, v in per_layer.items()}
+    moe = {k: v for k, v in per_layer.items() if "expert_counts" in v}
+    zero = jnp.zeros((), jnp.float32)
+    return {
+        "max_logits": max_logits,
+        "expert_counts": {k: v["expert_counts"] for k, v in moe.items()},
+        "aux_loss": sum((jnp.sum(v["aux_loss"]) for v in moe.values()), zero),
+        "z_loss": sum((jnp.sum(v["z_loss"]) for v in moe.values()), zero),
+        "dropped_fraction": (jnp.mean(jnp.stack([jnp.mean(v["dropped_fraction"]) for v in moe.values()]))
+                             if moe else zero),
+    }

@@ -1,0 +1,87 @@
+"""Muon for matrices and AdamW for the rest, split by parameter metadata.
+
+Newton-Schulz and momentum come from optax.contrib.scale_by_muon; dimension
+numbers are derived from each parameter's ParamInfo (fan-in axes -> reduction,
+the rest -> output, stacked "layers"/"experts" axes -> batch, so every expert
+and every scanned layer is orthogonalised as its own matrix).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+
+from k2jax.params import ParamInfo
+
+MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
+_DECAYED_KINDS = ("embedding", "unembedding")  # norms, router and biases are not decayed
+
+
+def _is_info(x) -> bool:
+    return isinstance(x, ParamInfo)
+
+
+def rule_of(info: ParamInfo, use_muon: bool = True) -> str:
+    if info.kind == "matrix":
+        return MUON if use_muon else ADAMW
+    return ADAMW if info.kind in _DECAYED_KINDS else ADAMW_NO_DECAY
+
+
+def labels(infos, use_muon: bool = True):
+    return jax.tree.map(lambda i: rule_of(i, use_muon), infos, is_leaf=_is_info)
+
+
+def dimension_numbers(info: ParamInfo) -> MuonDimensionNumbers:
+    return MuonDimensionNumbers(reduction_axis=info.reduction_axes, output_axis=info.output_axes)
+
+
+def matrix_shape(info: ParamInfo, shape) -> tuple[int, int]:
+    """(A, B) = (fan-in, fan-out) of each matrix slice of a parameter."""
+    return (math.prod(shape[i] for i in info.reduction_axes), math.prod(shape[i] for i in info.output_axes))
+
+
+def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
+    """Multiply each orthogonalised update by rms_scale * sqrt(max(A, B)) (K2 / Moonlight):
+    an orthogonal A x B matrix has RMS 1/sqrt(max(A, B)), so updates get RMS ~rms_scale,
+    like AdamW's, and AdamW learning rates and weight decay carry over."""
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def scale(u, info):
+            if isinstance(u, optax.MaskedNode):
+                return u
+            return u * (rms_scale * math.sqrt(max(matrix_shape(info, u.shape))))
+
+        return jax.tree.map(scale, updates, infos, is_leaf=lambda x: isinstance(x, optax.MaskedNode)), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def muon_or_adamw(learning_rate, infos, *, use_muon=True, weight_decay=0.1, momentum=0.95, nesterov=True,
+                  ns_steps=5, ns_coeffs=(3.4445, -4.7750, 2.0315), rms_scale=0.2, adam_learning_rate=None,
+                  adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8) -> optax.GradientTransformation:
+    """optax.partition of Muon (matrices) and AdamW (everything else, or everything if not use_muon)."""
+    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    label_tree = labels(infos, use_muon)
+
+    def masked_dim_nums(updates):  # same structure as the muon partition (MaskedNode elsewhere)
+        return jax.tree.map(lambda u, i: u if isinstance(u, optax.MaskedNode) else dimension_numbers(i),
+                            updates, infos, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+    adam = lambda wd: optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd)  # noqa: E731
+    transforms = {ADAMW: adam(weight_decay), ADAMW_NO_DECAY: adam(0.0)}
+    if use_muon:
+        transforms[MUON] = optax.chain(
+            scale_by_muon(ns_coeffs=ns_coeffs, ns_steps=ns_steps, beta=momentum, nesterov=nesterov,
+                          weight_dimension_numbers=masked_dim_nums),
+            scale_by_rms_match(infos, rms_scale),
+            optax.add_decayed_weights(weight_decay),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+    present = set(jax.tree.leaves(label_tree))
+    return optax.partition({k: v for k, v in transforms.items() if k in present}, label_tree)
+
