@@ -1,0 +1,86 @@
+"""Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from k2jax.config import Config, ConfigError, load_config
+
+
+def _load(config: str | None, overrides: list[str]) -> Config:
+    """A YAML path, or a model preset name (e.g. kimi-k2) with default everything else."""
+    if config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).is_file():
+        return load_config(config, overrides)
+    return load_config(None, [f"model.preset={config}", *overrides])
+
+
+def cmd_train(args) -> int:
+    from k2jax.train.loop import train
+
+    cfg = _load(args.config, args.set)
+    summary = train(cfg, resume=args.resume)
+    print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}, "
+          f"eval loss {summary.get('final_eval_loss', float('nan')):.4f}, "
+          f"{summary.get('tokens_per_s', 0):,.0f} tokens/s -> {cfg.train.out_dir}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def cmd_info(args) -> int:
+    from flax import nnx
+
+    from k2jax.model.count import abstract_model, count_params
+    from k2jax.optim import describe
+    from k2jax.params import param_info
+
+    cfg = _load(args.config, args.set)
+    counts = count_params(cfg.model)
+    m = cfg.model
+    print(f"attention {m.attention}: {m.num_heads} heads, d_model {m.d_model}, {m.num_layers} layers "
+          f"({m.num_dense_layers} dense); experts {m.num_experts} (top-{m.experts_per_token}, "
+          f"{m.num_shared_experts} shared, sparsity {m.num_experts / max(m.experts_per_token, 1):g})")
+    print(f"total parameters:     {_human(counts['total'])} ({counts['total']:,})")
+    print(f"activated per token:  {_human(counts['activated'])} ({counts['activated']:,})")
+    print(f"embedding + head:     {_human(counts['embedding'])}")
+    if args.params:
+        infos = param_info(nnx.state(abstract_model(cfg.model), nnx.Param))
+        print(f"\noptimizer '{cfg.optim.name}' rules per parameter:")
+        for row in describe(infos, cfg.optim.name):
+            print("  " + "  ".join(str(c) for c in row))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from an experiment YAML")
+    p.add_argument("config", help="experiment YAML (e.g. experiments/default.yaml) or a model preset name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("info", help="parameter counts (from the abstract model) and optimizer rules")
+    p.add_argument("--config", default="small", help="a model preset name or an experiment YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--params", action="store_true", help="list every parameter and its optimizer rule")
+    p.set_defaults(fn=cmd_info)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""grain pipelines: documents -> token chunks -> shuffled, packed, batched rows.
+
+Each document becomes [bos, tokens..., eos]; documents longer than one row are
+cut into chunks of at most T + 1 tokens that overlap by one, so every
+next-token pair is trained on once and no target ever comes from another
+document. grain's FirstFitPackIterDataset packs chunks into rows of T with
+segment ids (0 = padding) and positions restarting per chunk; batches are
+dicts of int32 (B, T): inputs, targets, segment_ids, positions. The train
+stream reshuffles every epoch and is checkpointable (`get_state`/`set_state`,
+JSON-serialisable).
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from k2jax.config import ConfigError, DataConfig
+
+PACKING_BINS = 8  # rows under construction at once: more bins fill rows better
+
+
+def chunk_documents(tokenizer, texts: list[str], seq_len: int) -> list[np.ndarray]:
+    """Token chunks of at most seq_len + 1 ids (each yields <= seq_len training pairs)."""
+    chunks = []
+    for text in texts:
+        ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text), [tokenizer.eos_id]]).astype(np.int32)
+        for start in range(0, max(len(ids) - 1, 1), seq_len):
+            piece = ids[start:start + seq_len + 1]
+            if len(piece) >= 2:
+                chunks.append(piece)
+    return chunks
+
+
+def _pairs(chunk: np.ndarray) -> dict:
+    return {"inputs": chunk[:-1], "targets": chunk[1:]}
+
+
+def _rows(examples: grain.IterDataset, seq_len: int, batch_size: int, seed: int) -> grain.IterDataset:
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=PACKING_BINS,
+        seed=seed, shuffle_bins=False)
+    return packed.map(_to_batch_row).batch(batch_size, drop_remainder=True)
+
+
+def _to_batch_row(ex: dict) -> dict:
+    return {"inputs": ex["inputs"].astype(np.int32), "targets": ex["targets"].astype(np.int32),
+            "segment_ids": ex["inputs_segment_ids"].astype(np.int32),
+            "positions": ex["inputs_positions"].astype(np.int32)}
+
+
+def make_train_iterator(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, *, seed: int,
+                        shard_index: int = 0, shard_count: int = 1):
+    """Endless, epoch-reshuffled batches; this process reads chunks shard_index::shard_count."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
+    chunks = chunk_documents(tokenizer, texts, cfg.seq_len)
+    if len(chunks) < shard_count:
+        raise ConfigError(f"data.corpus: only {len(chunks)} chunks for {shard_count} data shards")
+    ds = grain.MapDataset.source(chunks)[shard_index::shard_count].shuffle(seed=seed).repeat().map(_pairs)
+    return iter(_rows(ds.to_iter_dataset(), cfg.seq_len, batch_size, seed))
+
+
+def eval_batches(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, num_batches: int) -> list[dict]:
+    """The same held-out batches every call (no shuffling); fewer if the held-out text runs out."""
+    chunks = chunk_documents(tokenizer, texts, cfg.seq_len)
+    ds = grain.MapDataset.source(chunks).map(_pairs).to_iter_dataset()
+    out = []
+    for batch in _rows(ds, cfg.seq_len, batch_size, seed=0):
+        out.append(batch)
+        if len(out) == num_batches:
+            break
+    if not out:
+        raise ConfigError(f"data.heldout_fraction: held-out text fills no batch of {batch_size} rows; "
+                          f"raise data.heldout_fraction or data.max_corpus_bytes, or lower train.batch_size")
+    return out
