@@ -341,6 +341,11 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
             raise _type_error(path, "an integer", value)
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _type_error(path, "a number", value) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(path, "a number", value)
         return float(value)

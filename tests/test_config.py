@@ -15,6 +15,7 @@ def test_yaml_and_overrides(tmp_path):
                              "model.num_kv_heads=2"])
     assert cfg.train.steps == 7 and cfg.train.batch_size == 4 and cfg.optim.name == "adamw"
     assert cfg.model.d_model == PRESETS["tiny"].d_model and cfg.model.num_heads == 2
+    assert load_config(None, ["optim.learning_rate=3e-4"]).optim.learning_rate == 3e-4  # YAML 1.1 string
     # the saved (plain dict) form loads back to the same config
     assert from_dict(Config, to_dict(cfg)) == cfg
 
@@ -23,6 +24,7 @@ def test_yaml_and_overrides(tmp_path):
     ("train.stpes=3", "did you mean: steps"),
     ("modle.d_model=3", "did you mean: model"),
     ("train.steps=ten", "train.steps: expected an integer"),
+    ("optim.learning_rate=fast", "optim.learning_rate: expected a number"),
     ("train.progress=3", "train.progress: expected true/false"),
     ("optim.name=muonclp", "did you mean 'muonclip'"),
     ("model.preset=kimi-k3", "unknown preset 'kimi-k3'"),

@@ -1,0 +1,138 @@
+"""The training path end to end: smoke run, kill-and-resume equivalence, errors, metrics."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from k2jax.config import ConfigError, load_config
+from k2jax.train.checkpoint import CheckpointError
+from k2jax.train.loop import train
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+def _cfg(out_dir, *extra):
+    return load_config(TINY, [f"train.out_dir={out_dir}", "train.progress=false", "train.log_every=1",
+                              "checkpoint.async_save=false", *extra])
+
+
+def _losses(run_dir) -> dict[int, float]:
+    """step -> loss, keeping the last record of each step (a resumed run re-logs replayed steps)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    summary = train(_cfg(out))
+    return out, summary
+
+
+def test_smoke_loss_falls_and_artifacts(reference_run):
+    out, summary = reference_run
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 21))
+    assert losses[20] < losses[1] - 0.5, losses
+    assert math.isfinite(summary["final_eval_loss"])
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "tokenizer"):
+        assert (out / name).exists(), name
+    assert list((out / "tb").iterdir())
+
+
+def test_metrics_fields(reference_run):
+    out, _ = reference_run
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    required = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time", "max_logit",
+                "max_logit_per_layer", "max_logit_per_head", "clipped_heads", "min_gamma", "expert_load_min",
+                "expert_load_max", "expert_balance", "aux_loss", "z_loss"}
+    for rec in records:
+        assert required <= set(rec), required - set(rec)
+        assert len(rec["max_logit_per_layer"]) == 2
+        assert set(rec["max_logit_per_head"]) == {"dense_layers", "moe_layers"}
+    assert any("eval_loss" in rec for rec in records)
+
+
+def test_kill_and_resume_matches_uninterrupted(reference_run, tmp_path):
+    """SIGTERM a training process after its first checkpoint, resume it, compare every loss."""
+    ref_dir, _ = reference_run
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "k2jax.cli", "train", str(TINY), "--set", f"train.out_dir={out}",
+            "--set", "train.progress=false", "--set", "train.log_every=1", "--set", "checkpoint.every=5",
+            "--set", "train.steps=20"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(_losses(out)) >= 7:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    output = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 0, output
+    stopped_at = max(_losses(out))
+    assert stopped_at < 20, "the run finished before it could be interrupted"
+    resumed = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    ref, got = _losses(ref_dir), _losses(out)
+    assert sorted(got) == list(range(1, 21))
+    for step in range(1, 21):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got[step], ref[step])
+
+
+def test_existing_run_needs_resume_and_missing_checkpoint_is_clear(reference_run, tmp_path):
+    out, _ = reference_run
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_cfg(out))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(_cfg(tmp_path / "fresh"), resume=True)
+
+
+def test_bad_inputs_fail_early(tmp_path):
+    with pytest.raises(ConfigError, match="train.grad_accum"):
+        _cfg(tmp_path, "train.grad_accum=3")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match="(?i)empty|no text|no documents"):
+        train(_cfg(tmp_path / "run", f"data.corpus={empty}"))
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        train(_cfg(tmp_path / "run2", "model.vocab_size=100"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    import jax
+    import numpy as np
+
+    from k2jax.train.checkpoint import Checkpointer
+    from k2jax.train.step import init_train_state
+
+    cfg = _cfg(tmp_path / "nan", "optim.name=adamw", "optim.learning_rate=1e30", "optim.grad_clip_norm=0",
+               "optim.warmup_steps=0", "checkpoint.every=1")
+    with pytest.raises(Exception, match="(?i)non-finite|nan|inf"):
+        train(cfg)
+    ckpt = Checkpointer(tmp_path / "nan" / "checkpoints")
+    steps = ckpt.all_steps()
+    _, fresh, *_ = init_train_state(cfg)
+    if steps:  # whatever was kept must be a good (finite) state
+        state, _, _ = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh))
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    assert max(steps, default=0) < cfg.train.steps
+
+
+def test_cli_train_and_info(tmp_path):
+    from k2jax.cli import main
+
+    assert main(["info", "--config", "tiny", "--params"]) == 0
+    assert main(["train", str(TINY), "--set", "train.stpes=3"]) == 2
