@@ -51,13 +51,13 @@ def _to_batch_row(ex: dict) -> dict:
 
 def make_train_iterator(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, *, seed: int,
                         shard_index: int = 0, shard_count: int = 1):
-    """Endless, epoch-reshuffled batches; this process reads chunks shard_index::shard_count."""
+    """Endless, epoch-reshuffled batches; this process reads documents shard_index::shard_count."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
-    chunks = chunk_documents(tokenizer, texts, cfg.seq_len)
-    if len(chunks) < shard_count:
-        raise ConfigError(f"data.corpus: only {len(chunks)} chunks for {shard_count} data shards")
-    ds = grain.MapDataset.source(chunks)[shard_index::shard_count].shuffle(seed=seed).repeat().map(_pairs)
+    if len(texts) < shard_count:
+        raise ConfigError(f"data.corpus: only {len(texts)} documents for {shard_count} data shards")
+    chunks = chunk_documents(tokenizer, texts[shard_index::shard_count], cfg.seq_len)
+    ds = grain.MapDataset.source(chunks).shuffle(seed=seed).repeat().map(_pairs)
     return iter(_rows(ds.to_iter_dataset(), cfg.seq_len, batch_size, seed))
 
 
