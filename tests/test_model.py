@@ -113,6 +113,16 @@ def test_scanned_and_unrolled_layers_agree():
                                np.asarray(sb["max_logits"]["moe_layers.0"]), rtol=1e-5)
 
 
+def test_tied_embeddings_share_the_table():
+    cfg = dataclasses.replace(TINY, tie_embeddings=True)
+    model = Transformer(cfg, nnx.Rngs(0))
+    assert "lm_head" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    pos, seg = _pos_seg([[T], [T]])
+    logits, _ = model(_tokens(), pos, seg)
+    assert logits.shape == (B, T, cfg.vocab_size)
+    assert count_params(cfg)["total"] == flops.param_counts(cfg)["total"]
+
+
 def test_remat_keeps_gradients():
     pos, seg = _pos_seg([[T], [T]])
     grads = {}

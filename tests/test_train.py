@@ -136,3 +136,35 @@ def test_cli_train_and_info(tmp_path):
 
     assert main(["info", "--config", "tiny", "--params"]) == 0
     assert main(["train", str(TINY), "--set", "train.stpes=3"]) == 2
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from k2jax.train.step import init_train_state, make_train_step
+
+    batch = None
+    results = []
+    for accum in (1, 4):
+        cfg = _cfg("unused", f"train.grad_accum={accum}", "model.compute_dtype=float32")
+        graphdef, state, tx, schedule, _ = init_train_state(cfg)
+        if batch is None:
+            rng = np.random.default_rng(0)
+            seg = np.repeat(np.asarray([[1] * 40 + [2] * 20 + [0] * 4]), 8, 0).astype(np.int32)
+            batch = {"inputs": jnp.asarray(rng.integers(3, 259, (8, 64)), jnp.int32),
+                     "targets": jnp.asarray(rng.integers(3, 259, (8, 64)), jnp.int32),
+                     "segment_ids": jnp.asarray(seg),
+                     "positions": jnp.asarray(np.where(seg == 2, np.arange(64) - 40, np.arange(64)) * (seg > 0),
+                                              jnp.int32)}
+        step = jax.jit(make_train_step(cfg, graphdef, tx, schedule))
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        results.append((state, metrics))
+    (a, ma), (b, mb) = results
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5),
+                 a["params"], b["params"])
+    np.testing.assert_allclose(np.asarray(ma["max_logits"]["moe_layers"]), np.asarray(mb["max_logits"]["moe_layers"]),
+                               rtol=1e-5)

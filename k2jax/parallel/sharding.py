@@ -85,3 +85,24 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def opt_state_shardings(tx, params, shardings, mesh: Mesh):
+    """Shardings for tx.init(params): every per-parameter leaf (momentum, moments) like its
+    parameter, found by the parameter's key path ending the state leaf's path; everything
+    else (counts, schedules, clip metrics) replicated."""
+    by_path = {tuple(path): s for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    shapes = {tuple(path): x.shape for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def pick(path, leaf):
+        tail = []
+        for key in reversed(path):  # the trailing dict keys name the parameter
+            if not isinstance(key, jax.tree_util.DictKey):
+                break
+            tail.insert(0, key)
+        tail = tuple(tail)
+        if tail in by_path and shapes[tail] == leaf.shape:
+            return by_path[tail]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
