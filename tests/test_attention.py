@@ -11,6 +11,7 @@ from flax import nnx
 from k2jax.config import ModelConfig, YarnConfig
 from k2jax.model.attention import Attention
 from k2jax.model.rope import apply_rope, inv_frequencies, rope_tables, softmax_scale
+from packing import packed_layout
 
 BASE = ModelConfig(d_model=64, num_heads=4, num_kv_heads=4, head_dim=16, kv_lora_rank=16, qk_nope_head_dim=16,
                    qk_rope_head_dim=8, v_head_dim=16, compute_dtype="float32")
@@ -69,15 +70,8 @@ def _np_mask(seg):
     return np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
 
 
-def _packed(lengths_per_row):
-    pos = np.zeros((B, T), np.int32)
-    seg = np.zeros((B, T), np.int32)
-    for r, lengths in enumerate(lengths_per_row):
-        t = 0
-        for i, n in enumerate(lengths):
-            pos[r, t:t + n], seg[r, t:t + n] = np.arange(n), i + 1
-            t += n
-    return pos, seg
+def _packed(rows):
+    return packed_layout(rows, T)
 
 
 @pytest.fixture(scope="module", params=list(KINDS))

@@ -13,6 +13,7 @@ from k2jax.model.presets import PRESETS
 from k2jax.model.transformer import Transformer
 from k2jax.params import param_info
 from k2jax.train import flops
+from packing import packed_layout
 
 TINY = dataclasses.replace(PRESETS["tiny"], compute_dtype="float32")
 VARIANTS = {
@@ -36,16 +37,8 @@ def model_and_fwd(request):
     return cfg, model, fwd
 
 
-def _pos_seg(segments):
-    """segments: list of per-row lists of document lengths -> positions, segment ids (B, T)."""
-    pos = np.zeros((B, T), np.int32)
-    seg = np.zeros((B, T), np.int32)
-    for r, lengths in enumerate(segments):
-        t = 0
-        for i, n in enumerate(lengths):
-            pos[r, t:t + n] = np.arange(n)
-            seg[r, t:t + n] = i + 1
-            t += n
+def _pos_seg(rows):
+    pos, seg = packed_layout(rows, T)
     return jnp.asarray(pos), jnp.asarray(seg)
 
 

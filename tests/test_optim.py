@@ -62,11 +62,16 @@ def _tree(key=0):
     return params, infos
 
 
-def test_stacked_matrices_are_orthogonalised_one_by_one():
+def _one_muon_step(grad_seed):
+    """Updates of one momentum-free Muon step at learning rate 1 (no decay), and the gradients."""
     params, infos = _tree()
-    grads, _ = _tree(1)
+    grads, _ = _tree(grad_seed)
     tx = muon_or_adamw(1.0, infos, weight_decay=0.0, momentum=0.0, nesterov=False, rms_scale=0.2)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    return tx.update(grads, tx.init(params), params)[0], grads
+
+
+def test_stacked_matrices_are_orthogonalised_one_by_one():
+    updates, grads = _one_muon_step(1)
     for name in ("experts", "layers_w"):
         for i in range(grads[name].shape[0]):
             a, b = grads[name][i].shape
@@ -77,10 +82,7 @@ def test_stacked_matrices_are_orthogonalised_one_by_one():
 def test_update_rms_matches_adamw_scale():
     """An orthogonal A x B matrix has RMS 1/sqrt(max(A, B)); scaled by 0.2*sqrt(max(A, B)) the
     update RMS is 0.2 * (RMS of the Newton-Schulz output * sqrt(max)), i.e. ~0.2."""
-    params, infos = _tree()
-    grads, _ = _tree(2)
-    tx = muon_or_adamw(1.0, infos, weight_decay=0.0, momentum=0.0, nesterov=False, rms_scale=0.2)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, grads = _one_muon_step(2)
     for name in ("experts", "layers_w"):
         for i in range(grads[name].shape[0]):
             o = np.asarray(_orthogonalise(grads[name][i]))
