@@ -1,4 +1,4 @@
-"""MuonClip on sharded parameters (8 fake CPU devices, in a fresh process)."""
+"""Sharded optimizer and train step on 8 fake CPU devices (each test in a fresh process)."""
 
 import os
 import subprocess
@@ -49,8 +49,61 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_muonclip_on_sharded_params_matches_one_device():
+TRAIN_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from k2jax.config import ConfigError, MeshConfig, load_config
+    from k2jax.parallel.sharding import logical_spec, make_mesh
+    from k2jax.train.step import init_train_state, make_train_step
+
+    cfg = load_config("experiments/tiny.yaml", ["model.compute_dtype=float32", "train.grad_accum=2",
+                                                 "train.batch_size=16"])
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(3, 259, (16, 64)), "targets": rng.integers(3, 259, (16, 64)),
+             "segment_ids": np.ones((16, 64)), "positions": np.tile(np.arange(64), (16, 1))}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    meshes = {"one device": make_mesh(MeshConfig(data=1), jax.devices()[:1]),
+              "data=2 fsdp=2 expert=2": make_mesh(MeshConfig(data=2, fsdp=2, expert=2)),
+              "fsdp=2 expert=2 tensor=2": make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))}
+    losses = {}
+    for name, mesh in meshes.items():
+        setup, state = init_train_state(cfg, mesh)
+        step = make_train_step(cfg, setup)
+        losses[name] = []
+        for _ in range(2):
+            state, metrics = step(state, batch)
+            losses[name].append(float(metrics["loss"]))
+        # every parameter and its Muon momentum / Adam moments sit where the rules say
+        flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+        infos = jax.tree.leaves(setup.infos, is_leaf=lambda x: hasattr(x, "axes"))
+        for (path, x), info in zip(flat, infos):
+            assert x.sharding.spec == logical_spec(info.axes, x.shape, mesh), (name, path, x.sharding.spec)
+        specs = {x.shape: x.sharding.spec for _, x in flat}
+        moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim >= 2]
+        assert moments and all(x.sharding.spec == specs[x.shape] for x in moments), name
+    ref = losses.pop("one device")
+    for name, got in losses.items():
+        np.testing.assert_allclose(got, ref, rtol=2e-4, err_msg=name)
+    try:
+        make_train_step(load_config("experiments/tiny.yaml", ["train.batch_size=4", "train.grad_accum=2"]),
+                        init_train_state(cfg, meshes["data=2 fsdp=2 expert=2"])[0])
+        raise AssertionError("a batch that does not split over the mesh was accepted")
+    except ConfigError as e:
+        assert "train.batch_size" in str(e)
+    print("SHARDED-TRAIN-OK", ref)
+""")
+
+
+def _run(script: str) -> str:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=Path(__file__).parents[1], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert "SHARDED-OK" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=400)
+    return out.stdout + out.stderr
+
+
+def test_muonclip_on_sharded_params_matches_one_device():
+    assert "SHARDED-OK" in _run(SCRIPT)
+
+
+def test_train_step_on_several_meshes_matches_one_device():
+    out = _run(TRAIN_SCRIPT)
+    assert "SHARDED-TRAIN-OK" in out, out

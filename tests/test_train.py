@@ -116,7 +116,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     import numpy as np
 
     from k2jax.train.checkpoint import Checkpointer
-    from k2jax.train.step import init_train_state
+    from k2jax.train.step import abstract_state, init_train_state
 
     cfg = _cfg(tmp_path / "nan", "optim.name=adamw", "optim.learning_rate=1e30", "optim.grad_clip_norm=0",
                "optim.warmup_steps=0", "checkpoint.every=1")
@@ -124,9 +124,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train(cfg)
     ckpt = Checkpointer(tmp_path / "nan" / "checkpoints")
     steps = ckpt.all_steps()
-    _, fresh, *_ = init_train_state(cfg)
+    setup, fresh = init_train_state(cfg)
     if steps:  # whatever was kept must be a good (finite) state
-        state, _, _ = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh))
+        state, _, _ = ckpt.restore(abstract_state(setup, fresh))
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert max(steps, default=0) < cfg.train.steps
 
@@ -149,7 +149,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     results = []
     for accum in (1, 4):
         cfg = _cfg("unused", f"train.grad_accum={accum}", "model.compute_dtype=float32")
-        graphdef, state, tx, schedule, _ = init_train_state(cfg)
+        setup, state = init_train_state(cfg)
         if batch is None:
             rng = np.random.default_rng(0)
             seg = np.repeat(np.asarray([[1] * 40 + [2] * 20 + [0] * 4]), 8, 0).astype(np.int32)
@@ -158,7 +158,7 @@ def test_gradient_accumulation_matches_one_big_batch():
                      "segment_ids": jnp.asarray(seg),
                      "positions": jnp.asarray(np.where(seg == 2, np.arange(64) - 40, np.arange(64)) * (seg > 0),
                                               jnp.int32)}
-        step = jax.jit(make_train_step(cfg, graphdef, tx, schedule))
+        step = make_train_step(cfg, setup)
         for _ in range(3):
             state, metrics = step(state, batch)
         results.append((state, metrics))

@@ -24,7 +24,7 @@ from k2jax.data import pipeline, tokenizer as tokenizer_lib
 from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag
 from k2jax.train.metrics import MetricsWriter, plot_run
-from k2jax.train.step import init_train_state, make_eval_step, make_train_step
+from k2jax.train.step import abstract_state, init_train_state, make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,20 +109,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     tok = _tokenizer(cfg, out, train_docs, resume)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    graphdef, state, tx, schedule, _ = init_train_state(cfg)
+    setup, state = init_train_state(cfg)
     train_iter = pipeline.make_train_iterator(cfg.data, tok, train_docs, cfg.train.batch_size, seed=cfg.data.seed)
     eval_set = [jax.tree.map(jnp.asarray, b) for b in
                 pipeline.eval_batches(cfg.data, tok, heldout_docs, cfg.train.batch_size, cfg.train.eval_batches)]
 
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     if resume:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        state, data_state, saved_cfg = ckpt.restore(abstract)
+        state, data_state, saved_cfg = ckpt.restore(abstract_state(setup, state))
         _check_resumed_config(saved_cfg, cfg)
         train_iter.set_state(data_state)
 
-    train_step = jax.jit(make_train_step(cfg, graphdef, tx, schedule), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef))
+    train_step = make_train_step(cfg, setup)
+    eval_step = make_eval_step(setup)
     flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     writer = MetricsWriter(out)

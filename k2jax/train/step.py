@@ -9,45 +9,72 @@ The model structure (nnx graphdef) is static and rebuilt with nnx.merge inside.
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from k2jax.config import Config
+from k2jax.config import Config, ConfigError
 from k2jax.model.transformer import Transformer
 from k2jax.optim import make_optimizer, qk_clip_metrics
 from k2jax.optim.schedules import make_schedule
+from k2jax.parallel.sharding import batch_sharding, make_mesh, opt_state_shardings, param_shardings, replicated
 from k2jax.params import param_info
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: int32 (B, T)
 
 
-def init_model(cfg: Config, seed: int):
-    """(graphdef, params, model_state) of a freshly initialised model, as pure dicts."""
-    model = Transformer(cfg.model, nnx.Rngs(seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), param_info(params)
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """Everything static about a run's state: model structure, optimizer, layout."""
+
+    graphdef: Any  # nnx graph definition of the Transformer
+    tx: optax.GradientTransformationExtraArgs
+    schedule: Callable
+    infos: dict  # ParamInfo per parameter
+    mesh: Mesh
+    shardings: dict  # NamedSharding per train-state leaf
 
 
-def build_optimizer(cfg: Config, infos) -> tuple[optax.GradientTransformationExtraArgs, Callable]:
-    return make_optimizer(cfg.optim, infos, cfg.train.steps), make_schedule(cfg.optim, cfg.train.steps)
+def init_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSetup, dict]:
+    """A new run's state, initialised directly in its sharded layout on `mesh` (default: from cfg.mesh)."""
+    mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+    seed = cfg.train.seed
 
+    def init():
+        _, params, rest = nnx.split(Transformer(cfg.model, nnx.Rngs(seed)), nnx.Param, ...)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": nnx.to_pure_dict(params),
+            "opt_state": tx.init(nnx.to_pure_dict(params)),
+            "model_state": nnx.to_pure_dict(rest),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+        }
 
-def init_train_state(cfg: Config):
-    """(graphdef, train_state, tx, schedule, param_infos) for a new run."""
-    graphdef, params, model_state, infos = init_model(cfg, cfg.train.seed)
-    tx, schedule = build_optimizer(cfg, infos)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "model_state": model_state,
-        "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
+    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(seed))),
+                                             nnx.Param, ...)
+    infos = param_info(abstract_params)
+    tx = make_optimizer(cfg.optim, infos, cfg.train.steps)
+    abstract = jax.eval_shape(init)
+    params_sh = param_shardings(infos, abstract["params"], mesh)
+    shardings = {
+        "step": replicated(mesh), "rng": replicated(mesh), "params": params_sh,
+        "opt_state": opt_state_shardings(tx, abstract["params"], params_sh, mesh),
+        "model_state": jax.tree.map(lambda _: replicated(mesh), abstract["model_state"]),
     }
-    return graphdef, state, tx, schedule, infos
+    state = jax.jit(init, out_shardings=shardings)()
+    setup = TrainSetup(graphdef, tx, make_schedule(cfg.optim, cfg.train.steps), infos, mesh, shardings)
+    return setup, state
+
+
+def abstract_state(setup: TrainSetup, state: dict) -> dict:
+    """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, setup.shardings)
 
 
 def token_losses(logits, targets, mask):
@@ -69,8 +96,10 @@ def _split_micro(batch: Batch, n: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def make_train_step(cfg: Config, graphdef, tx, schedule):
-    """train_step(state, batch) -> (state, metrics); gradient accumulation over cfg.train.grad_accum."""
+def make_train_step(cfg: Config, setup: TrainSetup):
+    """Jitted train_step(state, batch) -> (state, metrics), sharded per setup; gradient accumulation
+    over cfg.train.grad_accum micro-batches. The state argument is donated."""
+    graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
     n_micro = cfg.train.grad_accum
     bias_rate = cfg.model.bias_update_rate
 
@@ -130,7 +159,13 @@ def make_train_step(cfg: Config, graphdef, tx, schedule):
         }
         return new_state, metrics
 
-    return train_step
+    data_parallel = math.prod(setup.mesh.shape[a] for a in ("data", "fsdp", "expert"))
+    if (cfg.train.batch_size // n_micro) % data_parallel:
+        raise ConfigError(f"train.batch_size: micro-batches of {cfg.train.batch_size // n_micro} rows do not split "
+                          f"over the {data_parallel} data-parallel devices of the mesh (data x fsdp x expert)")
+    batch_sh = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
+    return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, None),
+                   donate_argnums=(0,))
 
 
 def _merge_stats(a: dict, b: dict) -> dict:
@@ -144,12 +179,12 @@ def _merge_stats(a: dict, b: dict) -> dict:
     }
 
 
-def make_eval_step(graphdef):
-    """eval_step(params, model_state, batch) -> (sum of token NLL, token count)."""
+def make_eval_step(setup: TrainSetup):
+    """Jitted eval_step(params, model_state, batch) -> (sum of token NLL, token count)."""
 
     def eval_step(params, model_state, batch: Batch):
-        nll_sum, count, _ = _forward(graphdef, params, model_state, batch)
+        nll_sum, count, _ = _forward(setup.graphdef, params, model_state, batch)
         return nll_sum, count
 
-    return eval_step
+    return jax.jit(eval_step)
 
