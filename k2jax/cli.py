@@ -17,9 +17,12 @@ def _load(config: str | None, overrides: list[str]) -> Config:
 
 
 def cmd_train(args) -> int:
+    from k2jax.parallel import distributed
     from k2jax.train.loop import train
 
     cfg = _load(args.config, args.set)
+    distributed.initialize(auto=args.distributed == "auto", coordinator=args.coordinator,
+                           num_processes=args.num_processes, process_id=args.process_id)
     summary = train(cfg, resume=args.resume)
     print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}, "
           f"eval loss {summary.get('final_eval_loss', float('nan')):.4f}, "
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="experiment YAML (e.g. experiments/default.yaml) or a model preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    g = p.add_argument_group("multi-process (run the same command in every process)")
+    g.add_argument("--distributed", choices=["auto"], help="detect the cluster (TPU VM pod slices, SLURM, Open MPI)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, elsewhere")
+    g.add_argument("--num-processes", type=int, metavar="N")
+    g.add_argument("--process-id", type=int, metavar="I")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("info", help="parameter counts (from the abstract model) and optimizer rules")

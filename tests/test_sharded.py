@@ -50,10 +50,12 @@ SCRIPT = textwrap.dedent("""
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
+    import tempfile
     import jax, jax.numpy as jnp, numpy as np
     from k2jax.config import ConfigError, MeshConfig, load_config
     from k2jax.parallel.sharding import logical_spec, make_mesh
-    from k2jax.train.step import init_train_state, make_train_step
+    from k2jax.train.checkpoint import Checkpointer
+    from k2jax.train.step import abstract_state, init_train_state, make_train_step
 
     cfg = load_config("experiments/tiny.yaml", ["model.compute_dtype=float32", "train.grad_accum=2",
                                                  "train.batch_size=16"])
@@ -64,14 +66,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
     meshes = {"one device": make_mesh(MeshConfig(data=1), jax.devices()[:1]),
               "data=2 fsdp=2 expert=2": make_mesh(MeshConfig(data=2, fsdp=2, expert=2)),
               "fsdp=2 expert=2 tensor=2": make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))}
-    losses = {}
-    for name, mesh in meshes.items():
-        setup, state = init_train_state(cfg, mesh)
-        step = make_train_step(cfg, setup)
-        losses[name] = []
-        for _ in range(2):
-            state, metrics = step(state, batch)
-            losses[name].append(float(metrics["loss"]))
+
+    def check_layout(name, setup, state, mesh):
         # every parameter and its Muon momentum / Adam moments sit where the rules say
         flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
         infos = jax.tree.leaves(setup.infos, is_leaf=lambda x: hasattr(x, "axes"))
@@ -80,9 +76,34 @@ TRAIN_SCRIPT = textwrap.dedent("""
         specs = {x.shape: x.sharding.spec for _, x in flat}
         moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim >= 2]
         assert moments and all(x.sharding.spec == specs[x.shape] for x in moments), name
+
+    losses, runs = {}, {}
+    for name, mesh in meshes.items():
+        setup, state = init_train_state(cfg, mesh)
+        step = make_train_step(cfg, setup)
+        losses[name] = []
+        for _ in range(2):
+            state, metrics = step(state, batch)
+            losses[name].append(float(metrics["loss"]))
+        check_layout(name, setup, state, mesh)
+        runs[name] = (setup, state, step)
     ref = losses.pop("one device")
     for name, got in losses.items():
         np.testing.assert_allclose(got, ref, rtol=2e-4, err_msg=name)
+
+    # a checkpoint saved on one mesh restores onto another: same values, the new mesh's layout
+    src_setup, src_state, src_step = runs["data=2 fsdp=2 expert=2"]
+    dst_setup, dst_template, dst_step = runs["fsdp=2 expert=2 tensor=2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Checkpointer(tmp, async_save=False)
+        ckpt.save(2, src_state, {"processes": [{}]}, {})
+        restored, _, _ = ckpt.restore(abstract_state(dst_setup, dst_template))
+        ckpt.close()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, src_state)
+    check_layout("restored", dst_setup, restored, meshes["fsdp=2 expert=2 tensor=2"])
+    _, after_src = src_step(src_state, batch)
+    _, after_dst = dst_step(restored, batch)
+    np.testing.assert_allclose(float(after_dst["loss"]), float(after_src["loss"]), rtol=2e-4)
     try:
         make_train_step(load_config("experiments/tiny.yaml", ["train.batch_size=4", "train.grad_accum=2"]),
                         init_train_state(cfg, meshes["data=2 fsdp=2 expert=2"])[0])

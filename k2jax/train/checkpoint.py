@@ -14,7 +14,9 @@ import signal
 import threading
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 
@@ -77,15 +79,24 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (TPU VM preemption); the loop polls it, saves and exits cleanly."""
+    """SIGTERM (TPU VM preemption) -> the loop saves and exits cleanly.
+
+    Alone, a SIGTERM handler sets a flag. In a multi-process job JAX's preemption
+    service catches the signal on any host and picks one step at which every
+    process stops together (multihost_utils.reached_preemption_sync_point).
+    """
 
     def __init__(self):
         self._event = threading.Event()
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self._multi_process = jax.process_count() > 1
+        if not self._multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
 
-    def is_set(self) -> bool:
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; call it every step, in every process."""
+        if self._multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
         return self._event.is_set()
 
     def close(self) -> None:

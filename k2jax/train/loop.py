@@ -1,8 +1,9 @@
 """The training loop: data -> jitted step -> metrics, evaluation and checkpoints.
 
-`train(cfg, resume=...)` is what `k2jax train` runs. A run directory holds
-config.yaml, the tokenizer, metrics.jsonl, tb/, checkpoints/ and, at the end,
-curves.png and summary.json.
+`train(cfg, resume=...)` is what `k2jax train` runs, in every process of a
+multi-process job. A run directory holds config.yaml, the tokenizer,
+metrics.jsonl, tb/, checkpoints/ and, at the end, curves.png and summary.json;
+process 0 writes all but the checkpoints, which every process writes together.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from tqdm import tqdm
@@ -21,6 +21,8 @@ from tqdm import tqdm
 from k2jax.config import Config, ConfigError, to_dict
 from k2jax.data import corpus as corpus_lib
 from k2jax.data import pipeline, tokenizer as tokenizer_lib
+from k2jax.parallel import distributed
+from k2jax.parallel.sharding import batch_sharding
 from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag
 from k2jax.train.metrics import MetricsWriter, plot_run
@@ -49,8 +51,9 @@ def _tokenizer(cfg: Config, out: Path, train_docs, resume: bool):
     if resume and tok_dir.exists():
         tok = tokenizer_lib.load(tok_dir)
     else:
-        tok = tokenizer_lib.build_tokenizer(cfg.data, train_docs)
-        tok.save(tok_dir)
+        tok = tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic: the same in every process
+        if distributed.is_primary():
+            tok.save(tok_dir)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size}); raise model.vocab_size")
@@ -107,40 +110,47 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
     train_docs, heldout_docs = corpus_lib.load_corpus(cfg.data)
     tok = _tokenizer(cfg, out, train_docs, resume)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    primary = distributed.is_primary()
+    if primary:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     setup, state = init_train_state(cfg)
-    train_iter = pipeline.make_train_iterator(cfg.data, tok, train_docs, cfg.train.batch_size, seed=cfg.data.seed)
-    eval_set = [jax.tree.map(jnp.asarray, b) for b in
+    batch_sh = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
+    train_iter = pipeline.make_train_iterator(
+        cfg.data, tok, train_docs, distributed.local_batch_size(cfg.train.batch_size), seed=cfg.data.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    eval_set = [distributed.from_replicated_host(b, batch_sh) for b in
                 pipeline.eval_batches(cfg.data, tok, heldout_docs, cfg.train.batch_size, cfg.train.eval_batches)]
 
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     if resume:
         state, data_state, saved_cfg = ckpt.restore(abstract_state(setup, state))
         _check_resumed_config(saved_cfg, cfg)
-        train_iter.set_state(data_state)
+        train_iter.set_state(_own_iterator_state(data_state))
 
     train_step = make_train_step(cfg, setup)
     eval_step = make_eval_step(setup)
     flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
-    writer = MetricsWriter(out)
+    writer = MetricsWriter(out) if primary else None
     preempted = PreemptionFlag()
 
     start = int(state["step"])
     best_eval = math.inf
     summary: dict = {"start_step": start}
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and primary),
+               dynamic_ncols=True)
     window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
     last_loss = math.nan
     try:
         for step in range(start + 1, cfg.train.steps + 1):
-            batch = jax.tree.map(jnp.asarray, next(train_iter))
+            batch = distributed.from_process_local(next(train_iter), batch_sh)
             state, metrics = train_step(state, batch)
             window_tokens += batch["inputs"].size
             window_steps += 1
+            stop = preempted.reached(step)
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-            is_save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempted.is_set()
+            is_save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop
             if step % cfg.train.log_every == 0 or is_eval or is_save:
                 host = _host(metrics)
                 last_loss = host["loss"]
@@ -158,31 +168,46 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     record["eval_loss"] = evaluate(eval_step, state, eval_set)
                     best_eval = min(best_eval, record["eval_loss"])
                     window_start = time.perf_counter()  # evaluation time is not training throughput
-                writer.write(step, record)
+                if writer:
+                    writer.write(step, record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                 max_logit=f"{record['max_logit']:.1f}", refresh=False)
                 summary.update(final_loss=last_loss, tokens_per_s=tokens_per_s)
                 if "eval_loss" in record:
                     summary["final_eval_loss"] = record["eval_loss"]
                 if is_save:
-                    ckpt.save(step, state, train_iter.get_state(), to_dict(cfg),
+                    data_states = distributed.allgather_json(train_iter.get_state())
+                    ckpt.save(step, state, {"processes": data_states}, to_dict(cfg),
                               metrics={"eval_loss": record.get("eval_loss", math.inf)})
             bar.update(1)
-            if preempted.is_set():
+            if stop:
                 summary["preempted_at"] = step
                 break
     finally:
         bar.close()
         ckpt.wait()
         ckpt.close()
-        writer.close()
+        if writer:
+            writer.close()
         preempted.close()
 
     summary.update(steps=int(state["step"]), best_eval_loss=best_eval)
+    if not primary:
+        return summary
     plot_run(out / "metrics.jsonl", out / "curves.png",
              tau=cfg.optim.qk_clip_tau if cfg.optim.name == "muonclip" else None)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _own_iterator_state(data_state: dict) -> dict:
+    """This process's data-iterator state from a checkpoint's per-process list."""
+    states = data_state.get("processes", [])
+    if len(states) != jax.process_count():
+        raise CheckpointError(f"the checkpoint holds data-iterator states of {len(states)} processes, this job has "
+                              f"{jax.process_count()}; resume with the process count it was saved with (the "
+                              f"mesh shape may change)")
+    return states[jax.process_index()]
 
 
 def _log_record(host: dict, tokens_per_s: float, flops_per_token: float, peak) -> dict:

@@ -164,7 +164,7 @@ def make_train_step(cfg: Config, setup: TrainSetup):
         raise ConfigError(f"train.batch_size: micro-batches of {cfg.train.batch_size // n_micro} rows do not split "
                           f"over the {data_parallel} data-parallel devices of the mesh (data x fsdp x expert)")
     batch_sh = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
-    return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, None),
+    return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, replicated(setup.mesh)),
                    donate_argnums=(0,))
 
 
@@ -186,5 +186,5 @@ def make_eval_step(setup: TrainSetup):
         nll_sum, count, _ = _forward(setup.graphdef, params, model_state, batch)
         return nll_sum, count
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, out_shardings=replicated(setup.mesh))
 
