@@ -1,4 +1,5 @@
-"""Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`."""
+"""Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
+`k2jax prepare SOURCE... --out DIR`."""
 
 from __future__ import annotations
 
@@ -61,6 +62,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from k2jax.data.prepared import prepare
+
+    m = prepare(args.sources, args.out, tokenizer=args.tokenizer, text_field=args.text_field,
+                heldout_fraction=args.heldout_fraction, shard_tokens=args.shard_tokens,
+                bpe_vocab_size=args.bpe_vocab_size, bos_token=args.bos_token, eos_token=args.eos_token)
+    for split, info in m["splits"].items():
+        print(f"{split:8s} {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['files'])} shards")
+    total = sum(info["tokens"] for info in m["splits"].values())
+    print(f"tokenizer {m['tokenizer']} (vocab {m['vocab_size']:,}); {total / max(m['seconds'], 1e-9):,.0f} "
+          f"tokens/s -> {args.out}  (train on it with --set data.corpus={args.out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--params", action="store_true", help="list every parameter and its optimizer rule")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("prepare", help="tokenize text/JSONL/Parquet/HF datasets into ArrayRecord shards")
+    p.add_argument("sources", nargs="+", help="files, directories, 'stdlib', or hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--out", required=True, help="new directory to write (refused if it exists)")
+    p.add_argument("--tokenizer", default="byte",
+                   help="byte | bpe (trained on the sources) | path to tokenizer.json | path to sentencepiece .model")
+    p.add_argument("--bpe-vocab-size", type=int, default=8192)
+    p.add_argument("--bos-token", help="bos token of a tokenizer.json (default: detected)")
+    p.add_argument("--eos-token", help="eos token of a tokenizer.json (default: detected)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--heldout-fraction", type=float, default=0.01)
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="ids per ArrayRecord shard")
+    p.set_defaults(fn=cmd_prepare)
 
     args = parser.parse_args(argv)
     try:

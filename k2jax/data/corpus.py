@@ -1,22 +1,27 @@
 """Text corpora that need no download, split deterministically into train and held-out.
 
 "stdlib" is the Python standard library's own source files (present wherever
-k2jax runs). A directory (its .txt/.md/.rst/.py files), a .txt file (one
-document per blank-line-separated block) or a .jsonl file ("text" per line)
-work the same way. The split hashes each document's name with MD5, so it never
-depends on file order, Python's hash salt or the machine.
+k2jax runs). A directory (its .txt/.md/.rst/.py files as documents, plus the
+records of its .jsonl/.parquet files), a .txt file (one document per
+blank-line-separated block), a .jsonl file ("text" per line) or a .parquet file
+("text" column) work the same way. The split hashes each document's name with
+MD5, so it never depends on file order, Python's hash salt or the machine.
+`iter_documents` streams, for `k2jax prepare` on corpora larger than memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sysconfig
 from pathlib import Path
+from typing import Iterator
 
 from k2jax.config import ConfigError, DataConfig
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+RECORD_SUFFIXES = (".jsonl", ".parquet")
 Document = tuple[str, str]  # (name, text)
 
 
@@ -27,41 +32,69 @@ def _stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: _digest(str(p.relative_to(root))))  # a stable mix of modules
 
 
-def _read_files(files: list[Path], root: Path, budget: int) -> list[Document]:
-    docs, used = [], 0
-    for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            continue
-        docs.append((str(path.relative_to(root)), text))
-        used += len(text.encode())
-        if used >= budget:
-            break
-    return docs
+def _iter_jsonl(path: Path, name: str, text_field: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(f"data.corpus: {path} line {i + 1} is not JSON with a {text_field!r} field ({e})")
+            yield f"{name}:{i}", text
+
+
+def _iter_parquet(path: Path, name: str, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        raise ConfigError(f"data.corpus: {path} has no {text_field!r} column (columns: {table.schema_arrow.names})")
+    i = 0
+    for batch in table.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            yield f"{name}:{i}", text or ""
+            i += 1
+
+
+def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[Document]:
+    """(name, text) of every non-empty document under `path`, in a fixed order."""
+    if str(path) == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = [(f, str(f.relative_to(root))) for f in _stdlib_files()]
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"data.corpus: {str(path)!r} is neither 'stdlib' nor an existing file or directory")
+        if path.is_dir():
+            files = [(f, str(f.relative_to(path))) for f in sorted(path.rglob("*"))
+                     if f.is_file() and f.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES]
+        else:
+            files = [(path, path.name)]
+    for file, name in files:
+        if file.suffix == ".jsonl":
+            docs = _iter_jsonl(file, name, text_field)
+        elif file.suffix == ".parquet":
+            docs = _iter_parquet(file, name, text_field)
+        elif file is path and file.suffix == ".txt":  # a single text file: blank-line-separated blocks
+            text = file.read_text(encoding="utf-8", errors="replace")
+            docs = ((f"{name}:{i}", b) for i, b in enumerate(text.split("\n\n")))
+        else:
+            docs = [(name, file.read_text(encoding="utf-8", errors="replace"))]
+        yield from ((n, t) for n, t in docs if t.strip())
 
 
 def _read_documents(cfg: DataConfig) -> list[Document]:
-    if cfg.corpus == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        return _read_files(_stdlib_files(), root, cfg.max_corpus_bytes)
-    path = Path(cfg.corpus)
-    if not path.exists():
-        raise ConfigError(f"data.corpus: {cfg.corpus!r} is neither 'stdlib' nor an existing file or directory")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        return _read_files(files, path, cfg.max_corpus_bytes)
-    text = path.read_text(encoding="utf-8", errors="replace")[: cfg.max_corpus_bytes]
-    if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    docs.append((f"{path.name}:{i}", json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ConfigError(f"data.corpus: {path} line {i + 1} is not JSON with a 'text' field ({e})")
-        return [d for d in docs if d[1].strip()]
-    blocks = [b for b in text.split("\n\n") if b.strip()]
-    return [(f"{path.name}:{i}", b) for i, b in enumerate(blocks)]
+    """Documents until cfg.max_corpus_bytes of text have been read."""
+    used = 0
+
+    def within_budget(doc: Document) -> bool:
+        nonlocal used
+        fits = used < cfg.max_corpus_bytes
+        used += len(doc[1].encode())
+        return fits
+
+    return list(itertools.takewhile(within_budget, iter_documents(cfg.corpus)))
 
 
 def _digest(name: str) -> int:

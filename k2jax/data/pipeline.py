@@ -20,15 +20,21 @@ from k2jax.config import ConfigError, DataConfig
 PACKING_BINS = 8  # rows under construction at once: more bins fill rows better
 
 
+def chunk_starts(length: int, seq_len: int) -> range:
+    """Start offsets of the chunks of a document of `length` ids (each chunk has 2..seq_len+1 ids)."""
+    return range(0, max(length - 1, 0), seq_len)
+
+
+def document_ids(tokenizer, text: str) -> np.ndarray:
+    return np.concatenate([[tokenizer.bos_id], tokenizer.encode(text), [tokenizer.eos_id]]).astype(np.int32)
+
+
 def chunk_documents(tokenizer, texts: list[str], seq_len: int) -> list[np.ndarray]:
     """Token chunks of at most seq_len + 1 ids (each yields <= seq_len training pairs)."""
     chunks = []
     for text in texts:
-        ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text), [tokenizer.eos_id]]).astype(np.int32)
-        for start in range(0, max(len(ids) - 1, 1), seq_len):
-            piece = ids[start:start + seq_len + 1]
-            if len(piece) >= 2:
-                chunks.append(piece)
+        ids = document_ids(tokenizer, text)
+        chunks.extend(ids[start:start + seq_len + 1] for start in chunk_starts(len(ids), seq_len))
     return chunks
 
 
@@ -57,16 +63,25 @@ def make_train_iterator(cfg: DataConfig, tokenizer, texts: list[str], batch_size
     if len(texts) < shard_count:
         raise ConfigError(f"data.corpus: only {len(texts)} documents for {shard_count} data shards")
     chunks = chunk_documents(tokenizer, texts[shard_index::shard_count], cfg.seq_len)
+    return train_iterator(chunks, cfg.seq_len, batch_size, seed=seed)
+
+
+def train_iterator(chunks, seq_len: int, batch_size: int, *, seed: int):
+    """Endless, epoch-reshuffled batches from a random-access sequence of token chunks."""
     ds = grain.MapDataset.source(chunks).shuffle(seed=seed).repeat().map(_pairs)
-    return iter(_rows(ds.to_iter_dataset(), cfg.seq_len, batch_size, seed))
+    return iter(_rows(ds.to_iter_dataset(), seq_len, batch_size, seed))
 
 
 def eval_batches(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, num_batches: int) -> list[dict]:
     """The same held-out batches every call (no shuffling); fewer if the held-out text runs out."""
-    chunks = chunk_documents(tokenizer, texts, cfg.seq_len)
+    return fixed_batches(chunk_documents(tokenizer, texts, cfg.seq_len), cfg.seq_len, batch_size, num_batches)
+
+
+def fixed_batches(chunks, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
+    """The first `num_batches` packed batches of `chunks`, in order."""
     ds = grain.MapDataset.source(chunks).map(_pairs).to_iter_dataset()
     out = []
-    for batch in _rows(ds, cfg.seq_len, batch_size, seed=0):
+    for batch in _rows(ds, seq_len, batch_size, seed=0):
         out.append(batch)
         if len(out) == num_batches:
             break

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from k2jax.config import Config, ConfigError, to_dict
 from k2jax.data import corpus as corpus_lib
-from k2jax.data import pipeline, tokenizer as tokenizer_lib
+from k2jax.data import pipeline, prepared, tokenizer as tokenizer_lib
 from k2jax.parallel import distributed
 from k2jax.parallel.sharding import batch_sharding
 from k2jax.train import flops as flops_lib
@@ -46,18 +46,31 @@ def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path]:
     return out, ckpt_dir
 
 
-def _tokenizer(cfg: Config, out: Path, train_docs, resume: bool):
+def _data(cfg: Config, out: Path, resume: bool):
+    """(tokenizer, this process's train chunks, held-out chunks) from a prepared or in-memory corpus;
+    the tokenizer is saved with the run."""
+    seq_len, shard, shards = cfg.data.seq_len, jax.process_index(), jax.process_count()
     tok_dir = out / "tokenizer"
-    if resume and tok_dir.exists():
-        tok = tokenizer_lib.load(tok_dir)
+    if prepared.is_prepared(cfg.data.corpus):
+        corpus = prepared.PreparedCorpus(cfg.data.corpus)
+        tok = corpus.tokenizer()
+        train_chunks, heldout_chunks = corpus.chunks("train", seq_len, shard, shards), corpus.chunks("heldout", seq_len)
     else:
-        tok = tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic: the same in every process
-        if distributed.is_primary():
-            tok.save(tok_dir)
+        train_docs, heldout_docs = corpus_lib.load_corpus(cfg.data)
+        if len(train_docs) < shards:
+            raise ConfigError(f"data.corpus: only {len(train_docs)} documents for {shards} processes")
+        if resume and tok_dir.exists():
+            tok = tokenizer_lib.load(tok_dir)
+        else:
+            tok = tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic: the same in every process
+        train_chunks = pipeline.chunk_documents(tok, train_docs[shard::shards], seq_len)
+        heldout_chunks = pipeline.chunk_documents(tok, heldout_docs, seq_len)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size}); raise model.vocab_size")
-    return tok
+    if distributed.is_primary() and not (resume and tok_dir.exists()):
+        tok.save(tok_dir)
+    return tok, train_chunks, heldout_chunks
 
 
 def _check_resumed_config(saved: dict, cfg: Config) -> None:
@@ -108,19 +121,17 @@ def evaluate(eval_step, state, batches) -> float:
 def train(cfg: Config, *, resume: bool = False) -> dict:
     """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, ...)."""
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
-    train_docs, heldout_docs = corpus_lib.load_corpus(cfg.data)
-    tok = _tokenizer(cfg, out, train_docs, resume)
+    _, train_chunks, heldout_chunks = _data(cfg, out, resume)
     primary = distributed.is_primary()
     if primary:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     setup, state = init_train_state(cfg)
     batch_sh = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
-    train_iter = pipeline.make_train_iterator(
-        cfg.data, tok, train_docs, distributed.local_batch_size(cfg.train.batch_size), seed=cfg.data.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
-    eval_set = [distributed.from_replicated_host(b, batch_sh) for b in
-                pipeline.eval_batches(cfg.data, tok, heldout_docs, cfg.train.batch_size, cfg.train.eval_batches)]
+    train_iter = pipeline.train_iterator(train_chunks, cfg.data.seq_len,
+                                         distributed.local_batch_size(cfg.train.batch_size), seed=cfg.data.seed)
+    eval_set = [distributed.from_replicated_host(b, batch_sh) for b in pipeline.fixed_batches(
+        heldout_chunks, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
 
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     if resume:
