@@ -1,9 +1,10 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
-`k2jax prepare SOURCE... --out DIR`."""
+`k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from k2jax.sweep.grid import launch_commands, load_sweep, run_sweep
+
+    sweep = load_sweep(args.file)
+    if args.print_commands:
+        print("\n".join(launch_commands(sweep, args.extra)))
+        return 0
+    print(f"results: {run_sweep(sweep)}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from k2jax.sweep.analysis import analyze
+    from k2jax.sweep.grid import load_sweep, write_results
+
+    sweep = load_sweep(args.file)
+    write_results(sweep)
+    result = analyze(sweep.out_dir, arm=args.arm, reference=args.reference,
+                     y=args.y, title=sweep.name)
+    print(json.dumps(result, indent=2))
+    print(f"report: {sweep.out_dir / 'report' / 'report.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-fraction", type=float, default=0.01)
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="ids per ArrayRecord shard")
     p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("sweep", help="run a grid of trainings from a sweep YAML (finished runs are skipped)")
+    p.add_argument("file", help="sweep YAML, e.g. experiments/sweeps/optimizer_cpu.yaml")
+    p.add_argument("--print-commands", action="store_true", help="print one `k2jax train` command per run instead")
+    p.add_argument("--extra", default="", help="flags appended to printed commands, e.g. '--distributed auto'")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("analyze", help="fit loss vs compute per arm; plots and a Markdown report")
+    p.add_argument("file", help="the sweep YAML whose results to analyze")
+    p.add_argument("--arm", help="results column that defines the arms (e.g. optim.name)")
+    p.add_argument("--reference", help="the arm multipliers are measured against (default: the first)")
+    p.add_argument("--y", default="final_eval_loss", help="results column to fit (default final_eval_loss)")
+    p.set_defaults(fn=cmd_analyze)
 
     args = parser.parse_args(argv)
     try:

@@ -119,7 +119,8 @@ def evaluate(eval_step, state, batches) -> float:
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
-    """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, ...)."""
+    """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, max logit, wall time, ...)."""
+    started = time.perf_counter()
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
     _, train_chunks, heldout_chunks = _data(cfg, out, resume)
     primary = distributed.is_primary()
@@ -183,7 +184,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     writer.write(step, record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                 max_logit=f"{record['max_logit']:.1f}", refresh=False)
-                summary.update(final_loss=last_loss, tokens_per_s=tokens_per_s)
+                summary.update(final_loss=last_loss, tokens_per_s=tokens_per_s,
+                               max_logit=max(summary.get("max_logit", -math.inf), record["max_logit"]))
                 if "eval_loss" in record:
                     summary["final_eval_loss"] = record["eval_loss"]
                 if is_save:
@@ -202,7 +204,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             writer.close()
         preempted.close()
 
-    summary.update(steps=int(state["step"]), best_eval_loss=best_eval)
+    summary.update(steps=int(state["step"]), best_eval_loss=best_eval,
+                   wall_time_s=time.perf_counter() - started)  # this invocation only, when resumed
     if not primary:
         return summary
     plot_run(out / "metrics.jsonl", out / "curves.png",

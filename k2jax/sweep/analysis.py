@@ -1,0 +1,196 @@
+"""Sweep analysis: loss-vs-compute power laws per arm, compute multipliers, plots, a Markdown report.
+
+Each arm (the runs sharing one value of the `arm` axis) is fitted with
+    L(C) = E + A * (C / C0) ** -alpha         (E: the irreducible loss, C0: a fixed compute scale)
+by least squares (scipy). The compute multiplier of an arm over the reference
+arm is C_ref(L) / C_arm(L) at the loss the arm reaches with its largest budget:
+how many times more compute the reference needs for the same loss (> 1: the arm
+is more efficient). Its uncertainty comes from drawing fit parameters from the
+fits' covariance; with exactly three runs per arm the fit interpolates and no
+uncertainty is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+C0 = 1e12  # compute scale (FLOPs) that keeps the fit well conditioned
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerLawFit:
+    e: float
+    a: float
+    alpha: float
+    cov: np.ndarray  # (3, 3) covariance of (e, a, alpha); inf where undetermined
+
+    def loss(self, compute):
+        return self.e + self.a * (np.asarray(compute, float) / C0) ** -self.alpha
+
+    def compute_for(self, loss: float) -> float:
+        """FLOPs at which the fit reaches `loss` (inf if it never does)."""
+        if loss <= self.e:
+            return math.inf
+        return C0 * (self.a / (loss - self.e)) ** (1 / self.alpha)
+
+
+def power_law(c, e, a, alpha):
+    return e + a * (c / C0) ** -alpha
+
+
+def fit_power_law(compute, loss) -> PowerLawFit:
+    """Least-squares fit of L = E + A (C/C0)^-alpha to three or more (compute, loss) points."""
+    from scipy.optimize import curve_fit
+
+    compute, loss = np.asarray(compute, float), np.asarray(loss, float)
+    if len(compute) < 3:
+        raise ValueError(f"a power law with an irreducible term needs >= 3 runs, got {len(compute)}")
+    lo = float(loss.min())
+    p0 = (0.8 * lo, float(loss.max() - 0.8 * lo) * (compute.min() / C0) ** 0.3, 0.3)
+    params, cov = curve_fit(power_law, compute, loss, p0=p0, bounds=([0, 0, 1e-3], [lo, np.inf, 3.0]),
+                            maxfev=20000)
+    return PowerLawFit(*map(float, params), np.asarray(cov, float))
+
+
+def compute_multiplier(reference: PowerLawFit, arm: PowerLawFit, loss: float) -> float:
+    return reference.compute_for(loss) / arm.compute_for(loss)
+
+
+def multiplier_interval(reference: PowerLawFit, arm: PowerLawFit, loss: float, draws: int = 2000,
+                        seed: int = 0) -> tuple[float, float] | None:
+    """16th-84th percentile of the multiplier over parameter draws; None if a fit has no finite covariance."""
+    if not (np.all(np.isfinite(reference.cov)) and np.all(np.isfinite(arm.cov))):
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for ref_p, arm_p in zip(rng.multivariate_normal([reference.e, reference.a, reference.alpha], reference.cov, draws),
+                            rng.multivariate_normal([arm.e, arm.a, arm.alpha], arm.cov, draws)):
+        if min(ref_p[1], ref_p[2], arm_p[1], arm_p[2]) <= 0:
+            continue
+        m = compute_multiplier(PowerLawFit(*ref_p, reference.cov), PowerLawFit(*arm_p, arm.cov), loss)
+        if math.isfinite(m):
+            values.append(m)
+    if len(values) < draws // 2:
+        return None
+    return float(np.percentile(values, 16)), float(np.percentile(values, 84))
+
+
+def read_results(path: str | Path) -> list[dict]:
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                pass
+    return rows
+
+
+def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | None = None,
+            y: str = "final_eval_loss", title: str = "") -> dict:
+    """Fit, plot and report a sweep's results.csv into sweep_dir/report/; returns the fitted numbers."""
+    sweep_dir = Path(sweep_dir)
+    rows = [r for r in read_results(sweep_dir / "results.csv") if isinstance(r.get(y), float) and math.isfinite(r[y])]
+    if not rows:
+        raise ValueError(f"{sweep_dir / 'results.csv'} has no finished run with a finite {y}")
+    if arm is not None and arm not in rows[0]:
+        raise ValueError(f"arm {arm!r} is not a column of results.csv ({sorted(rows[0])})")
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(str(row[arm]) if arm else "all", []).append(row)
+    fits = {name: fit_power_law([r["flops"] for r in g], [r[y] for r in g])
+            for name, g in groups.items() if len({r["flops"] for r in g}) >= 3}
+    result = {"arms": {name: {"e": f.e, "a": f.a, "alpha": f.alpha} for name, f in fits.items()}, "multipliers": {}}
+    reference = reference if reference in fits else next(iter(fits), None)
+    for name, fit in fits.items():
+        if name == reference:
+            continue
+        target = float(fit.loss(max(r["flops"] for r in groups[name])))
+        result["multipliers"][name] = {"vs": reference, "at_loss": target,
+                                       "value": compute_multiplier(fits[reference], fit, target),
+                                       "interval_68": multiplier_interval(fits[reference], fit, target)}
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    _plot_fits(groups, fits, y, out / "loss_vs_compute.png", title)
+    _plot_curves(sweep_dir, [r["run"] for r in rows], out / "curves.png", title)
+    (out / "fits.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(_markdown(rows, result, y, title or sweep_dir.name))
+    return result
+
+
+def _plot_fits(groups, fits, y, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, group) in enumerate(groups.items()):
+        color = f"C{i}"
+        c = np.asarray([r["flops"] for r in group])
+        ax.scatter(c, [r[y] for r in group], color=color, label=name)
+        if name in fits:
+            grid = np.geomspace(c.min() / 1.5, c.max() * 1.5, 100)
+            f = fits[name]
+            ax.plot(grid, f.loss(grid), color=color, lw=1,
+                    label=f"{name}: {f.e:.2f} + {f.a:.2f}(C/1e12)^-{f.alpha:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel(y.replace("_", " "))
+    ax.set_title(title or "loss vs compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_curves(sweep_dir: Path, runs: list[str], path: Path, title: str):
+    """Eval loss and max attention logit over steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, run in enumerate(runs):
+        records = [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        ax_loss.plot([s for s, _ in evals], [v for _, v in evals], marker="o", ms=3, color=f"C{i % 10}", label=run)
+        ax_logit.plot([r["step"] for r in records], [r["max_logit"] for r in records], color=f"C{i % 10}", label=run)
+    ax_loss.set(xlabel="step", ylabel="held-out loss", title="held-out loss")
+    ax_logit.set(xlabel="step", ylabel="max attention logit (all layers, heads)", title="max attention logit")
+    ax_logit.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(rows, result, y, title) -> str:
+    cols = [c for c in rows[0] if c not in ("params_total",)]
+    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    if result["arms"]:
+        lines += ["", f"Fits of {y} = E + A (C/1e12)^-alpha:", "", "| arm | E | A | alpha |", "|---|---|---|---|"]
+        lines += [f"| {n} | {f['e']:.3f} | {f['a']:.3f} | {f['alpha']:.3f} |" for n, f in result["arms"].items()]
+    for name, m in result["multipliers"].items():
+        interval = m["interval_68"]
+        spread = f" (68%: {interval[0]:.2f}-{interval[1]:.2f})" if interval else " (3 runs per arm: no interval)"
+        lines.append(f"\nCompute multiplier of **{name}** over {m['vs']} at loss {m['at_loss']:.3f}: "
+                     f"**{m['value']:.2f}x**{spread}.")
+    lines += ["", "![loss vs compute](loss_vs_compute.png)", "", "![curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)

@@ -1,0 +1,160 @@
+"""Sweeps: a base config and the axes to vary, run one after another into one results table.
+
+A sweep file (experiments/sweeps/*.yaml):
+
+    name: optimizer
+    base: experiments/ablations/cpu.yaml     # relative to the repository or the sweep file
+    out_dir: runs/sweeps/optimizer
+    set: {train.steps: 300}                  # fixed overrides for every run
+    grid:                                    # the cartesian product of the axes
+      optim.name: [muon, adamw]              # a config key -> its values
+      size:                                  # any other name -> named bundles of overrides
+        d64: {model.d_model: 64, model.num_heads: 2}
+        d128: {model.d_model: 128, model.num_heads: 4}
+
+Each run trains into out_dir/RUN (RUN joins the axis values); a run with a
+summary.json is finished and skipped, one with checkpoints but no summary is
+resumed. results.csv gets one row per finished run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import shlex
+from pathlib import Path
+
+import yaml
+
+from k2jax.config import Config, ConfigError, load_config
+from k2jax.train import flops as flops_lib
+
+RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "final_loss", "final_eval_loss",
+                 "best_eval_loss", "max_logit", "wall_time_s", "steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    axes: dict  # axis -> the value (or bundle name) this run takes
+    overrides: tuple[str, ...]  # --set strings, fixed ones first
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    base: Path
+    out_dir: Path
+    runs: tuple[Run, ...]
+
+    def config(self, run: Run) -> Config:
+        return load_config(self.base, [*run.overrides, f"train.out_dir={self.out_dir / run.name}",
+                                       "train.progress=false"])
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def _token(value) -> str:
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and validate a sweep file; every run's config is checked before anything trains."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {"name", "base", "out_dir", "set", "grid"}
+    if unknown:
+        raise ConfigError(f"sweep {path}: unknown keys {sorted(unknown)} (allowed: name, base, out_dir, set, grid)")
+    for key in ("name", "base", "grid"):
+        if key not in raw:
+            raise ConfigError(f"sweep {path}: missing '{key}'")
+    base = Path(raw["base"])
+    if not base.is_file() and (path.parent / base).is_file():
+        base = path.parent / base
+    fixed = [_override(k, v) for k, v in (raw.get("set") or {}).items()]
+    axes = []
+    for axis, values in raw["grid"].items():
+        if isinstance(values, dict):  # named bundles of overrides
+            axes.append([(axis, name, [_override(k, v) for k, v in bundle.items()])
+                         for name, bundle in values.items()])
+        elif isinstance(values, list) and values:
+            axes.append([(axis, v, [_override(axis, v)]) for v in values])
+        else:
+            raise ConfigError(f"sweep {path}: grid.{axis} must be a non-empty list of values or a mapping "
+                              f"of named override bundles")
+    runs = []
+    for combo in itertools.product(*axes):
+        name = "-".join(f"{axis.split('.')[-1]}={_token(v)}" for axis, v, _ in combo)
+        overrides = tuple(fixed + [o for _, _, sets in combo for o in sets])
+        runs.append(Run(name, {axis: v for axis, v, _ in combo}, overrides))
+    sweep = Sweep(raw["name"], base, Path(raw.get("out_dir", f"runs/sweeps/{raw['name']}")), tuple(runs))
+    for run in runs:
+        try:
+            sweep.config(run)
+        except ConfigError as e:
+            raise ConfigError(f"sweep {path}, run {run.name}: {e}") from e
+    return sweep
+
+
+def launch_commands(sweep: Sweep, extra: str = "") -> list[str]:
+    """One `k2jax train` command per run, e.g. to launch on TPU VMs (extra: flags such as --distributed auto)."""
+    cmds = []
+    for run in sweep.runs:
+        sets = " ".join(f"--set {shlex.quote(o)}" for o in run.overrides)
+        cmds.append(f"k2jax train {shlex.quote(str(sweep.base))} {sets} "
+                    f"--set train.out_dir={shlex.quote(str(sweep.out_dir / run.name))} {extra}".strip())
+    return cmds
+
+
+def result_row(sweep: Sweep, run: Run) -> dict | None:
+    """The results-table row of a finished run (None if it has not finished)."""
+    out = sweep.out_dir / run.name
+    if not (out / "summary.json").is_file():
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = sweep.config(run)
+    counts = flops_lib.param_counts(cfg.model)
+    tokens = summary["steps"] * cfg.train.batch_size * cfg.data.seq_len
+    return {"run": run.name, **run.axes, "params_total": counts["total"], "params_activated": counts["activated"],
+            "tokens": tokens, "flops": tokens * flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"],
+            "final_loss": summary.get("final_loss"), "final_eval_loss": summary.get("final_eval_loss"),
+            "best_eval_loss": summary.get("best_eval_loss"), "max_logit": summary.get("max_logit"),
+            "wall_time_s": summary.get("wall_time_s"), "steps": summary["steps"]}
+
+
+def write_results(sweep: Sweep) -> Path:
+    """results.csv with a row per finished run (rewritten whole, so it is never half-updated)."""
+    rows = [row for run in sweep.runs if (row := result_row(sweep, run)) is not None]
+    axes = list(sweep.runs[0].axes)
+    path = sweep.out_dir / "results.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", *axes, *RESULT_FIELDS[1:]])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def run_sweep(sweep: Sweep, log=print) -> Path:
+    """Train every unfinished run in order; returns the results table."""
+    from k2jax.train.loop import train
+
+    for i, run in enumerate(sweep.runs, 1):
+        out = sweep.out_dir / run.name
+        if (out / "summary.json").is_file():
+            log(f"[{i}/{len(sweep.runs)}] {run.name}: finished, skipped")
+            continue
+        resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+        log(f"[{i}/{len(sweep.runs)}] {run.name}: {'resuming' if resume else 'training'}")
+        summary = train(sweep.config(run), resume=resume)
+        log(f"[{i}/{len(sweep.runs)}] {run.name}: eval loss {summary.get('final_eval_loss', float('nan')):.4f}")
+        write_results(sweep)
+    return write_results(sweep)

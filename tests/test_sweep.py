@@ -1,0 +1,89 @@
+"""Sweeps run, skip finished runs and feed the analysis; the power-law fit recovers known parameters."""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from k2jax.cli import main
+from k2jax.config import ConfigError
+from k2jax.sweep.analysis import PowerLawFit, compute_multiplier, fit_power_law, multiplier_interval
+from k2jax.sweep.grid import launch_commands, load_sweep, run_sweep
+
+ROOT = Path(__file__).parents[1]
+
+
+def _write_sweep(tmp_path, grid, **extra) -> Path:
+    spec = {"name": "t", "base": str(ROOT / "experiments" / "tiny.yaml"), "out_dir": str(tmp_path / "sweep"),
+            "set": {"train.steps": 4, "train.eval_every": 2, "train.log_every": 1, "checkpoint.every": 4,
+                    "checkpoint.async_save": False}, "grid": grid, **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_two_run_sweep_completes_is_skipped_when_rerun_and_is_analyzed(tmp_path, capsys):
+    path = _write_sweep(tmp_path, {"optim.name": ["muonclip", "adamw"]})
+    sweep = load_sweep(path)
+    assert [r.name for r in sweep.runs] == ["name=muonclip", "name=adamw"]
+    results = run_sweep(sweep, log=lambda _: None)
+    rows = list(csv.DictReader(results.open()))
+    assert [r["optim.name"] for r in rows] == ["muonclip", "adamw"]
+    for row in rows:
+        assert int(row["steps"]) == 4 and int(row["tokens"]) == 4 * 8 * 64
+        assert float(row["flops"]) > 0 and math.isfinite(float(row["final_eval_loss"]))
+        assert float(row["max_logit"]) > 0 and float(row["wall_time_s"]) > 0
+    stamps = [(sweep.out_dir / r.name / "summary.json").stat().st_mtime_ns for r in sweep.runs]
+    log = []
+    run_sweep(sweep, log=log.append)
+    assert all("skipped" in line for line in log)
+    assert [(sweep.out_dir / r.name / "summary.json").stat().st_mtime_ns for r in sweep.runs] == stamps
+    assert main(["analyze", str(path), "--arm", "optim.name"]) == 0  # two points per arm: tables, no fit
+    report = sweep.out_dir / "report"
+    assert "name=adamw" in (report / "report.md").read_text()
+    for png in ("loss_vs_compute.png", "curves.png"):
+        assert (report / png).stat().st_size > 10_000
+
+
+def test_bundled_axes_and_printed_commands(tmp_path):
+    path = _write_sweep(tmp_path, {"model.num_experts": [4, 8],
+                                   "size": {"s": {"model.d_model": 64}, "m": {"model.d_model": 96}}})
+    sweep = load_sweep(path)
+    assert [r.name for r in sweep.runs] == ["num_experts=4-size=s", "num_experts=4-size=m",
+                                            "num_experts=8-size=s", "num_experts=8-size=m"]
+    assert sweep.config(sweep.runs[3]).model.d_model == 96 and sweep.config(sweep.runs[3]).model.num_experts == 8
+    cmds = launch_commands(sweep, "--distributed auto")
+    assert len(cmds) == 4 and "--set model.d_model=96" in cmds[3] and cmds[3].endswith("--distributed auto")
+
+
+def test_bad_sweeps_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="model.num_hedas"):
+        load_sweep(_write_sweep(tmp_path, {"model.num_hedas": [2]}))
+    with pytest.raises(ConfigError, match="grid.optim.name"):
+        load_sweep(_write_sweep(tmp_path, {"optim.name": []}))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_sweep(_write_sweep(tmp_path, {"optim.name": ["muon"]}, steps=3))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_fit_recovers_known_power_law_and_multiplier():
+    rng = np.random.default_rng(0)
+    truth = PowerLawFit(e=1.6, a=0.9, alpha=0.35, cov=np.zeros((3, 3)))
+    compute = np.geomspace(1e11, 1e15, 8)
+    fit = fit_power_law(compute, truth.loss(compute) + rng.normal(0, 1e-3, compute.size))
+    assert fit.e == pytest.approx(1.6, abs=0.02)
+    assert fit.a == pytest.approx(0.9, rel=0.05)
+    assert fit.alpha == pytest.approx(0.35, rel=0.05)
+    # an arm that needs half the compute for every loss: L_arm(C) = L_ref(2C)
+    arm = fit_power_law(compute, truth.loss(2 * compute) + rng.normal(0, 1e-3, compute.size))
+    target = float(arm.loss(compute[-1]))
+    multiplier = compute_multiplier(fit, arm, target)
+    assert multiplier == pytest.approx(2.0, rel=0.1)
+    low, high = multiplier_interval(fit, arm, target)  # 68% interval from the fits' covariance
+    assert low < multiplier < high and high - low < 0.5
+    assert abs(multiplier - 2.0) < 1.5 * (high - low)  # the truth is within a few standard errors
+    with pytest.raises(ValueError, match=">= 3 runs"):
+        fit_power_law(compute[:2], truth.loss(compute[:2]))
