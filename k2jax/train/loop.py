@@ -160,7 +160,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             state, metrics = train_step(state, batch)
             window_tokens += batch["inputs"].size
             window_steps += 1
-            stop = preempted.reached(step)
+            stop = preempted.reached(step - start)  # JAX counts sync steps from each launch
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
             is_save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop
             if step % cfg.train.log_every == 0 or is_eval or is_save:
