@@ -12,11 +12,10 @@ MD5, so it never depends on file order, Python's hash salt or the machine.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from k2jax.config import ConfigError, DataConfig
 
@@ -84,17 +83,18 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[Docum
         yield from ((n, t) for n, t in docs if t.strip())
 
 
-def _read_documents(cfg: DataConfig) -> list[Document]:
-    """Documents until cfg.max_corpus_bytes of text have been read."""
+def within_bytes(documents: Iterable[Document], budget: int) -> Iterator[Document]:
+    """Documents until `budget` bytes of text have been taken (the last one may cross it)."""
     used = 0
-
-    def within_budget(doc: Document) -> bool:
-        nonlocal used
-        fits = used < cfg.max_corpus_bytes
+    for doc in documents:
+        if used >= budget:
+            return
         used += len(doc[1].encode())
-        return fits
+        yield doc
 
-    return list(itertools.takewhile(within_budget, iter_documents(cfg.corpus)))
+
+def _read_documents(cfg: DataConfig) -> list[Document]:
+    return list(within_bytes(iter_documents(cfg.corpus), cfg.max_corpus_bytes))
 
 
 def _digest(name: str) -> int:

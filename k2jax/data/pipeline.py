@@ -55,14 +55,19 @@ def _to_batch_row(ex: dict) -> dict:
             "positions": ex["inputs_positions"].astype(np.int32)}
 
 
-def make_train_iterator(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, *, seed: int,
-                        shard_index: int = 0, shard_count: int = 1):
-    """Endless, epoch-reshuffled batches; this process reads documents shard_index::shard_count."""
+def shard_documents(texts: list[str], shard_index: int, shard_count: int) -> list[str]:
+    """The documents one process reads (shard_index::shard_count): documents never straddle processes."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
     if len(texts) < shard_count:
         raise ConfigError(f"data.corpus: only {len(texts)} documents for {shard_count} data shards")
-    chunks = chunk_documents(tokenizer, texts[shard_index::shard_count], cfg.seq_len)
+    return texts[shard_index::shard_count]
+
+
+def make_train_iterator(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, *, seed: int,
+                        shard_index: int = 0, shard_count: int = 1):
+    """Endless, epoch-reshuffled batches; this process reads documents shard_index::shard_count."""
+    chunks = chunk_documents(tokenizer, shard_documents(texts, shard_index, shard_count), cfg.seq_len)
     return train_iterator(chunks, cfg.seq_len, batch_size, seed=seed)
 
 

@@ -150,14 +150,8 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
 
 def _bpe_sample(documents, heldout_fraction: float, budget: int) -> list[str]:
     """Train-split texts up to `budget` bytes, to train a BPE tokenizer on."""
-    texts, used = [], 0
-    for name, text in documents:
-        if used >= budget:
-            break
-        if not corpus_lib.is_heldout(name, heldout_fraction):
-            texts.append(text)
-            used += len(text.encode())
-    return texts
+    train_docs = (doc for doc in documents if not corpus_lib.is_heldout(doc[0], heldout_fraction))
+    return [text for _, text in corpus_lib.within_bytes(train_docs, budget)]
 
 
 class TokenChunks:

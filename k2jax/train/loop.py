@@ -47,8 +47,8 @@ def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path]:
 
 
 def _data(cfg: Config, out: Path, resume: bool):
-    """(tokenizer, this process's train chunks, held-out chunks) from a prepared or in-memory corpus;
-    the tokenizer is saved with the run."""
+    """(this process's train chunks, held-out chunks) from a prepared or in-memory corpus; the
+    tokenizer is saved with the run."""
     seq_len, shard, shards = cfg.data.seq_len, jax.process_index(), jax.process_count()
     tok_dir = out / "tokenizer"
     if prepared.is_prepared(cfg.data.corpus):
@@ -57,20 +57,18 @@ def _data(cfg: Config, out: Path, resume: bool):
         train_chunks, heldout_chunks = corpus.chunks("train", seq_len, shard, shards), corpus.chunks("heldout", seq_len)
     else:
         train_docs, heldout_docs = corpus_lib.load_corpus(cfg.data)
-        if len(train_docs) < shards:
-            raise ConfigError(f"data.corpus: only {len(train_docs)} documents for {shards} processes")
         if resume and tok_dir.exists():
             tok = tokenizer_lib.load(tok_dir)
         else:
             tok = tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic: the same in every process
-        train_chunks = pipeline.chunk_documents(tok, train_docs[shard::shards], seq_len)
+        train_chunks = pipeline.chunk_documents(tok, pipeline.shard_documents(train_docs, shard, shards), seq_len)
         heldout_chunks = pipeline.chunk_documents(tok, heldout_docs, seq_len)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size}); raise model.vocab_size")
     if distributed.is_primary() and not (resume and tok_dir.exists()):
         tok.save(tok_dir)
-    return tok, train_chunks, heldout_chunks
+    return train_chunks, heldout_chunks
 
 
 def _check_resumed_config(saved: dict, cfg: Config) -> None:
@@ -122,7 +120,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, max logit, wall time, ...)."""
     started = time.perf_counter()
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
-    _, train_chunks, heldout_chunks = _data(cfg, out, resume)
+    train_chunks, heldout_chunks = _data(cfg, out, resume)
     primary = distributed.is_primary()
     if primary:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

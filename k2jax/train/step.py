@@ -23,7 +23,8 @@ from k2jax.config import Config, ConfigError
 from k2jax.model.transformer import Transformer
 from k2jax.optim import make_optimizer, qk_clip_metrics
 from k2jax.optim.schedules import make_schedule
-from k2jax.parallel.sharding import batch_sharding, make_mesh, opt_state_shardings, param_shardings, replicated
+from k2jax.parallel.sharding import (LOGICAL_RULES, batch_sharding, make_mesh, opt_state_shardings,
+                                     param_shardings, replicated)
 from k2jax.params import param_info
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: int32 (B, T)
@@ -159,7 +160,7 @@ def make_train_step(cfg: Config, setup: TrainSetup):
         }
         return new_state, metrics
 
-    data_parallel = math.prod(setup.mesh.shape[a] for a in ("data", "fsdp", "expert"))
+    data_parallel = math.prod(setup.mesh.shape[a] for a in LOGICAL_RULES["batch"])
     if (cfg.train.batch_size // n_micro) % data_parallel:
         raise ConfigError(f"train.batch_size: micro-batches of {cfg.train.batch_size // n_micro} rows do not split "
                           f"over the {data_parallel} data-parallel devices of the mesh (data x fsdp x expert)")
