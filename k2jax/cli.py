@@ -95,7 +95,7 @@ def cmd_analyze(args) -> int:
     sweep = load_sweep(args.file)
     write_results(sweep)
     result = analyze(sweep.out_dir, arm=args.arm, reference=args.reference,
-                     y=args.y, title=sweep.name)
+                     y=args.y, title=sweep.name, curves=args.curves)
     print(json.dumps(result, indent=2))
     print(f"report: {sweep.out_dir / 'report' / 'report.md'}")
     return 0
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arm", help="results column that defines the arms (e.g. optim.name)")
     p.add_argument("--reference", help="the arm multipliers are measured against (default: the first)")
     p.add_argument("--y", default="final_eval_loss", help="results column to fit (default final_eval_loss)")
+    p.add_argument("--curves", action="store_true",
+                   help="fit each run's held-out curve (constant-lr runs) instead of one point per run")
     p.set_defaults(fn=cmd_analyze)
 
     args = parser.parse_args(argv)

@@ -87,3 +87,36 @@ def test_fit_recovers_known_power_law_and_multiplier():
     assert abs(multiplier - 2.0) < 1.5 * (high - low)  # the truth is within a few standard errors
     with pytest.raises(ValueError, match=">= 3 runs"):
         fit_power_law(compute[:2], truth.loss(compute[:2]))
+
+
+def test_curve_analysis_fits_each_runs_held_out_curve(tmp_path):
+    """One constant-lr run per arm: its held-out curve is the loss-vs-compute series that is fitted."""
+    import json
+
+    from k2jax.sweep.analysis import analyze
+
+    truth = PowerLawFit(e=1.5, a=0.8, alpha=0.4, cov=np.zeros((3, 3)))
+    rng = np.random.default_rng(1)
+    steps, flops_per_step = 400, 1e10
+    rows = []
+    for experts, speedup in ((4, 1.0), (16, 1.5)):  # 16 experts reach each loss with 1/1.5 of the compute
+        run = f"num_experts={experts}"
+        (tmp_path / run).mkdir()
+        records = [{"step": s, "loss": 9.0, "max_logit": 5.0} for s in range(10, steps + 1, 10)]
+        records += [{"step": s, "eval_loss": float(truth.loss(speedup * s * flops_per_step) + rng.normal(0, 2e-4))}
+                    for s in range(25, steps + 1, 25)]
+        (tmp_path / run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in sorted(records, key=lambda r: r["step"])))
+        rows.append({"run": run, "model.num_experts": experts, "flops": steps * flops_per_step, "steps": steps,
+                     "final_eval_loss": records[-1]["eval_loss"]})
+    with (tmp_path / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = analyze(tmp_path, arm="model.num_experts", reference="4", curves=True)
+    assert set(result["arms"]) == {"4", "16"}
+    assert result["arms"]["4"]["alpha"] == pytest.approx(0.4, rel=0.1)
+    multiplier = result["multipliers"]["16"]
+    assert multiplier["vs"] == "4" and multiplier["value"] == pytest.approx(1.5, rel=0.05)
+    low, high = multiplier["interval_68"]
+    assert low < multiplier["value"] < high
+    assert "held-out curves" in (tmp_path / "report" / "report.md").read_text()

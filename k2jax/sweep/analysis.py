@@ -94,48 +94,74 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | None = None,
-            y: str = "final_eval_loss", title: str = "") -> dict:
-    """Fit, plot and report a sweep's results.csv into sweep_dir/report/; returns the fitted numbers."""
+            y: str = "final_eval_loss", title: str = "", curves: bool = False) -> dict:
+    """Fit, plot and report a sweep's results.csv into sweep_dir/report/; returns the fitted numbers.
+
+    By default each run is one point (its FLOPs, its `y`). With `curves`, each run adds the
+    points of its held-out curve from a quarter of the way in (compute = FLOPs so far): for
+    runs with a constant learning rate, where one run per arm is a loss-vs-compute series.
+    """
     sweep_dir = Path(sweep_dir)
     rows = [r for r in read_results(sweep_dir / "results.csv") if isinstance(r.get(y), float) and math.isfinite(r[y])]
     if not rows:
         raise ValueError(f"{sweep_dir / 'results.csv'} has no finished run with a finite {y}")
     if arm is not None and arm not in rows[0]:
         raise ValueError(f"arm {arm!r} is not a column of results.csv ({sorted(rows[0])})")
-    groups: dict[str, list[dict]] = {}
+    points: dict[str, list[tuple[float, float]]] = {}  # arm -> [(compute, loss)]
     for row in rows:
-        groups.setdefault(str(row[arm]) if arm else "all", []).append(row)
-    fits = {name: fit_power_law([r["flops"] for r in g], [r[y] for r in g])
-            for name, g in groups.items() if len({r["flops"] for r in g}) >= 3}
-    result = {"arms": {name: {"e": f.e, "a": f.a, "alpha": f.alpha} for name, f in fits.items()}, "multipliers": {}}
+        name = _arm_name(row[arm]) if arm else "all"
+        points.setdefault(name, []).extend(_curve_points(sweep_dir, row) if curves else [(row["flops"], row[y])])
+    fits = {name: fit_power_law(*zip(*pts)) for name, pts in points.items() if len({c for c, _ in pts}) >= 3}
+    result = {"arms": {name: {"e": f.e, "a": f.a, "alpha": f.alpha} for name, f in fits.items()}, "multipliers": {},
+              "points": "held-out curves" if curves else y}
+    reference = _arm_name(reference) if reference is not None else None
     reference = reference if reference in fits else next(iter(fits), None)
     for name, fit in fits.items():
         if name == reference:
             continue
-        target = float(fit.loss(max(r["flops"] for r in groups[name])))
+        target = float(fit.loss(max(c for c, _ in points[name])))
         result["multipliers"][name] = {"vs": reference, "at_loss": target,
                                        "value": compute_multiplier(fits[reference], fit, target),
                                        "interval_68": multiplier_interval(fits[reference], fit, target)}
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
-    _plot_fits(groups, fits, y, out / "loss_vs_compute.png", title)
+    _plot_fits(points, fits, "held-out loss" if curves else y, out / "loss_vs_compute.png", title)
     _plot_curves(sweep_dir, [r["run"] for r in rows], out / "curves.png", title)
     (out / "fits.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(_markdown(rows, result, y, title or sweep_dir.name))
     return result
 
 
-def _plot_fits(groups, fits, y, path, title):
+def _arm_name(value) -> str:
+    """Arm label: 8.0 (a number read back from CSV) -> "8"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _eval_curve(sweep_dir: Path, run: str) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+
+
+def _curve_points(sweep_dir: Path, row: dict) -> list[tuple[float, float]]:
+    """(FLOPs so far, held-out loss) along a run, from a quarter of its steps on."""
+    flops_per_step = row["flops"] / row["steps"]
+    return [(step * flops_per_step, loss) for step, loss in _eval_curve(sweep_dir, row["run"])
+            if step >= row["steps"] / 4]
+
+
+def _plot_fits(points, fits, ylabel, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, group) in enumerate(groups.items()):
+    for i, (name, pts) in enumerate(points.items()):
         color = f"C{i}"
-        c = np.asarray([r["flops"] for r in group])
-        ax.scatter(c, [r[y] for r in group], color=color, label=name)
+        c = np.asarray([c for c, _ in pts])
+        ax.scatter(c, [loss for _, loss in pts], color=color, s=12, label=name)
         if name in fits:
             grid = np.geomspace(c.min() / 1.5, c.max() * 1.5, 100)
             f = fits[name]
@@ -143,7 +169,7 @@ def _plot_fits(groups, fits, y, path, title):
                     label=f"{name}: {f.e:.2f} + {f.a:.2f}(C/1e12)^-{f.alpha:.2f}")
     ax.set_xscale("log")
     ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel(y.replace("_", " "))
+    ax.set_ylabel(ylabel.replace("_", " "))
     ax.set_title(title or "loss vs compute")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -161,9 +187,10 @@ def _plot_curves(sweep_dir: Path, runs: list[str], path: Path, title: str):
     fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(11, 4))
     for i, run in enumerate(runs):
         records = [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        evals = _eval_curve(sweep_dir, run)
         ax_loss.plot([s for s, _ in evals], [v for _, v in evals], marker="o", ms=3, color=f"C{i % 10}", label=run)
-        ax_logit.plot([r["step"] for r in records], [r["max_logit"] for r in records], color=f"C{i % 10}", label=run)
+        logits = [(r["step"], r["max_logit"]) for r in records if "max_logit" in r]
+        ax_logit.plot([s for s, _ in logits], [v for _, v in logits], color=f"C{i % 10}", label=run)
     ax_loss.set(xlabel="step", ylabel="held-out loss", title="held-out loss")
     ax_logit.set(xlabel="step", ylabel="max attention logit (all layers, heads)", title="max attention logit")
     ax_logit.legend(fontsize=6)
@@ -179,11 +206,11 @@ def _markdown(rows, result, y, title) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     if result["arms"]:
-        lines += ["", f"Fits of {y} = E + A (C/1e12)^-alpha:", "", "| arm | E | A | alpha |", "|---|---|---|---|"]
+        lines += ["", f"Fits of loss = E + A (C/1e12)^-alpha to {result['points']}:", "", "| arm | E | A | alpha |", "|---|---|---|---|"]
         lines += [f"| {n} | {f['e']:.3f} | {f['a']:.3f} | {f['alpha']:.3f} |" for n, f in result["arms"].items()]
     for name, m in result["multipliers"].items():
         interval = m["interval_68"]
-        spread = f" (68%: {interval[0]:.2f}-{interval[1]:.2f})" if interval else " (3 runs per arm: no interval)"
+        spread = f" (68%: {interval[0]:.2f}-{interval[1]:.2f})" if interval else " (the fit interpolates three points: no interval)"
         lines.append(f"\nCompute multiplier of **{name}** over {m['vs']} at loss {m['at_loss']:.3f}: "
                      f"**{m['value']:.2f}x**{spread}.")
     lines += ["", "![loss vs compute](loss_vs_compute.png)", "", "![curves](curves.png)", ""]

@@ -31,7 +31,8 @@ import yaml
 from k2jax.config import Config, ConfigError, load_config
 from k2jax.train import flops as flops_lib
 
-RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "final_loss", "final_eval_loss",
+RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "attention_flops", "final_loss",
+                 "final_eval_loss",
                  "best_eval_loss", "max_logit", "wall_time_s", "steps")
 
 
@@ -121,8 +122,9 @@ def result_row(sweep: Sweep, run: Run) -> dict | None:
     cfg = sweep.config(run)
     counts = flops_lib.param_counts(cfg.model)
     tokens = summary["steps"] * cfg.train.batch_size * cfg.data.seq_len
+    per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)
     return {"run": run.name, **run.axes, "params_total": counts["total"], "params_activated": counts["activated"],
-            "tokens": tokens, "flops": tokens * flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"],
+            "tokens": tokens, "flops": tokens * per_token["total"], "attention_flops": tokens * per_token["attention"],
             "final_loss": summary.get("final_loss"), "final_eval_loss": summary.get("final_eval_loss"),
             "best_eval_loss": summary.get("best_eval_loss"), "max_logit": summary.get("max_logit"),
             "wall_time_s": summary.get("wall_time_s"), "steps": summary["steps"]}
