@@ -1,5 +1,5 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
-`k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`."""
+`k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,21 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from k2jax.generate import load_run
+    from k2jax.train.checkpoint import CheckpointError
+
+    try:
+        run = load_run(args.run_dir, args.step)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"cannot load {args.run_dir}: {e}", file=sys.stderr)
+        return 2
+    for i in range(args.num_samples):
+        text = run.complete(args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed + i)
+        print(f"--- sample {i + 1} (step {run.step}) ---\n{args.prompt}{text}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curves", action="store_true",
                    help="fit each run's held-out curve (constant-lr runs) instead of one point per run")
     p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("sample", help="sample text from a trained run's checkpoint")
+    p.add_argument("run_dir", help="a run directory written by `k2jax train` (train.out_dir)")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.set_defaults(fn=cmd_sample)
 
     args = parser.parse_args(argv)
     try:
