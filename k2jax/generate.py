@@ -40,7 +40,8 @@ class LoadedRun:
         ids = self.tokenizer.encode(prompt)
         if self.tokenizer.bos_id is not None:
             ids = np.concatenate([[self.tokenizer.bos_id], ids])
-        new = sample(self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        new = sample(self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                     vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.decode(new)
 
 
@@ -61,8 +62,12 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
 
 
 def sample(model: Transformer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8,
-           top_k: int | None = None, seed: int = 0) -> np.ndarray:
-    """`max_new_tokens` ids following `prompt_ids` (1-D); temperature 0 is greedy."""
+           top_k: int | None = None, seed: int = 0, vocab_size: int | None = None) -> np.ndarray:
+    """`max_new_tokens` ids following `prompt_ids` (1-D); temperature 0 is greedy.
+
+    vocab_size: draw only ids below it (the tokenizer's size; the model's padded vocabulary
+    may be larger, and those ids decode to nothing).
+    """
     prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
     if prompt.size == 0:
         raise ValueError("sample needs at least one prompt token (e.g. the tokenizer's bos id)")
@@ -75,15 +80,18 @@ def sample(model: Transformer, prompt_ids, max_new_tokens: int, *, temperature: 
     buffer = jnp.zeros((1, length), jnp.int32).at[0, :prompt.size].set(prompt)
     graphdef, state = nnx.split(model)
     out = _sample_loop(graphdef, state, buffer, prompt.size, jax.random.key(seed),
-                       temperature=float(temperature), top_k=top_k)
+                       temperature=float(temperature), top_k=top_k, vocab_size=vocab_size)
     return np.asarray(out[0, prompt.size:])
 
 
-@partial(jax.jit, static_argnames=("graphdef", "start", "temperature", "top_k"))
-def _sample_loop(graphdef, state, buffer, start: int, key, *, temperature: float, top_k: int | None):
+@partial(jax.jit, static_argnames=("graphdef", "start", "temperature", "top_k", "vocab_size"))
+def _sample_loop(graphdef, state, buffer, start: int, key, *, temperature: float, top_k: int | None,
+                 vocab_size: int | None):
     def body(t, carry):  # writes position t from the logits at t - 1
         buffer, key, state = carry  # the weights ride in the carry: nnx refuses variables from an outer trace
         logits = nnx.merge(graphdef, state)(buffer)[0][0, t - 1]  # (V,)
+        if vocab_size is not None:
+            logits = jnp.where(jnp.arange(logits.shape[0]) < vocab_size, logits, -jnp.inf)
         key, draw = jax.random.split(key)
         if temperature == 0.0:
             token = jnp.argmax(logits)

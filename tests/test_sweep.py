@@ -119,4 +119,7 @@ def test_curve_analysis_fits_each_runs_held_out_curve(tmp_path):
     assert multiplier["vs"] == "4" and multiplier["value"] == pytest.approx(1.5, rel=0.05)
     low, high = multiplier["interval_68"]
     assert low < multiplier["value"] < high
+    shared = result["shared_fit_multipliers"]["16"]  # one curve shape for both arms, 16's compute scaled
+    assert shared["value"] == pytest.approx(1.5, rel=0.03)
+    assert shared["interval_68"][0] < shared["value"] < shared["interval_68"][1]
     assert "held-out curves" in (tmp_path / "report" / "report.md").read_text()

@@ -30,7 +30,7 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + len(SPECIALS)
 
     def decode(self, ids) -> str:
-        data = bytes(int(i) - len(SPECIALS) for i in ids if int(i) >= len(SPECIALS))
+        data = bytes(int(i) - len(SPECIALS) for i in ids if len(SPECIALS) <= int(i) < self.vocab_size)
         return data.decode("utf-8", errors="replace")
 
     def save(self, directory: str | Path) -> None:

@@ -6,8 +6,8 @@ by least squares (scipy). The compute multiplier of an arm over the reference
 arm is C_ref(L) / C_arm(L) at the loss the arm reaches with its largest budget:
 how many times more compute the reference needs for the same loss (> 1: the arm
 is more efficient). Its uncertainty comes from drawing fit parameters from the
-fits' covariance; with exactly three runs per arm the fit interpolates and no
-uncertainty is reported.
+fits' covariance; a fit through exactly three points, or one with a parameter at
+its bound, has none and no uncertainty is reported.
 """
 
 from __future__ import annotations
@@ -56,6 +56,37 @@ def fit_power_law(compute, loss) -> PowerLawFit:
     params, cov = curve_fit(power_law, compute, loss, p0=p0, bounds=([0, 0, 1e-3], [lo, np.inf, 3.0]),
                             maxfev=20000)
     return PowerLawFit(*map(float, params), np.asarray(cov, float))
+
+
+def fit_shared_multipliers(points: dict[str, list[tuple[float, float]]], reference: str) -> dict:
+    """One curve for all arms, each arm's compute rescaled: L = E + A (m_arm C / C0)^-alpha, m_reference = 1.
+
+    Fewer parameters than a fit per arm (3 + arms - 1), so it stays determined with short
+    curves; the price is assuming every arm has the same E and alpha. Returns
+    arm -> {"value": m, "interval_68": (lo, hi) or None} for every arm but the reference.
+    """
+    from scipy.optimize import curve_fit
+
+    names = [reference, *[n for n in points if n != reference]]
+    compute = np.concatenate([[c for c, _ in points[n]] for n in names])
+    loss = np.concatenate([[v for _, v in points[n]] for n in names])
+    arm = np.concatenate([[i] * len(points[n]) for i, n in enumerate(names)])
+
+    def model(c, e, a, alpha, *log_m):
+        m = np.exp(np.concatenate([[0.0], log_m]))[arm]
+        return power_law(m * c, e, a, alpha)
+
+    lo = float(loss.min())
+    p0 = [0.8 * lo, float(loss.max() - 0.8 * lo) * (compute.min() / C0) ** 0.3, 0.3] + [0.0] * (len(names) - 1)
+    bounds = ([0, 0, 1e-3] + [-5.0] * (len(names) - 1), [lo, np.inf, 3.0] + [5.0] * (len(names) - 1))
+    params, cov = curve_fit(model, compute, loss, p0=p0, bounds=bounds, maxfev=20000)
+    out = {}
+    for i, name in enumerate(names[1:]):
+        log_m, var = params[3 + i], cov[3 + i, 3 + i]
+        sd = math.sqrt(var) if math.isfinite(var) and var >= 0 else None
+        out[name] = {"vs": reference, "value": math.exp(log_m),
+                     "interval_68": (math.exp(log_m - sd), math.exp(log_m + sd)) if sd is not None else None}
+    return out
 
 
 def compute_multiplier(reference: PowerLawFit, arm: PowerLawFit, loss: float) -> float:
@@ -111,9 +142,17 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
     for row in rows:
         name = _arm_name(row[arm]) if arm else "all"
         points.setdefault(name, []).extend(_curve_points(sweep_dir, row) if curves else [(row["flops"], row[y])])
-    fits = {name: fit_power_law(*zip(*pts)) for name, pts in points.items() if len({c for c, _ in pts}) >= 3}
+    fits, unfitted = {}, {}
+    for name, pts in points.items():
+        if len({c for c, _ in pts}) < 3:
+            unfitted[name] = f"{len({c for c, _ in pts})} compute points (a fit needs 3)"
+            continue
+        try:
+            fits[name] = fit_power_law(*zip(*pts))
+        except RuntimeError as e:  # curve_fit found no minimum: points that do not follow a power law
+            unfitted[name] = f"no fit: {e}"
     result = {"arms": {name: {"e": f.e, "a": f.a, "alpha": f.alpha} for name, f in fits.items()}, "multipliers": {},
-              "points": "held-out curves" if curves else y}
+              "unfitted": unfitted, "points": "held-out curves" if curves else y}
     reference = _arm_name(reference) if reference is not None else None
     reference = reference if reference in fits else next(iter(fits), None)
     for name, fit in fits.items():
@@ -123,6 +162,11 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
         result["multipliers"][name] = {"vs": reference, "at_loss": target,
                                        "value": compute_multiplier(fits[reference], fit, target),
                                        "interval_68": multiplier_interval(fits[reference], fit, target)}
+    if reference is not None and len(fits) >= 2:
+        try:
+            result["shared_fit_multipliers"] = fit_shared_multipliers({n: points[n] for n in fits}, reference)
+        except RuntimeError as e:
+            result["shared_fit_multipliers"] = {"error": str(e)}
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     _plot_fits(points, fits, "held-out loss" if curves else y, out / "loss_vs_compute.png", title)
@@ -152,12 +196,10 @@ def _curve_points(sweep_dir: Path, row: dict) -> list[tuple[float, float]]:
 
 
 def _plot_fits(points, fits, ylabel, path, title):
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for i, (name, pts) in enumerate(points.items()):
         color = f"C{i}"
         c = np.asarray([c for c, _ in pts])
@@ -174,17 +216,14 @@ def _plot_fits(points, fits, ylabel, path, title):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_curves(sweep_dir: Path, runs: list[str], path: Path, title: str):
     """Eval loss and max attention logit over steps, one line per run."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_logit = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         records = [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
         evals = _eval_curve(sweep_dir, run)
@@ -197,7 +236,6 @@ def _plot_curves(sweep_dir: Path, runs: list[str], path: Path, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _markdown(rows, result, y, title) -> str:
@@ -208,11 +246,23 @@ def _markdown(rows, result, y, title) -> str:
     if result["arms"]:
         lines += ["", f"Fits of loss = E + A (C/1e12)^-alpha to {result['points']}:", "", "| arm | E | A | alpha |", "|---|---|---|---|"]
         lines += [f"| {n} | {f['e']:.3f} | {f['a']:.3f} | {f['alpha']:.3f} |" for n, f in result["arms"].items()]
+    lines += [f"\nNo fit for arm {name}: {why}." for name, why in result["unfitted"].items()]
     for name, m in result["multipliers"].items():
         interval = m["interval_68"]
-        spread = f" (68%: {interval[0]:.2f}-{interval[1]:.2f})" if interval else " (the fit interpolates three points: no interval)"
+        spread = (f" (68%: {interval[0]:.2f}-{interval[1]:.2f})" if interval else
+                  " (no interval: a fit through three points, or with a parameter at its bound, has no finite "
+                  "covariance)")
         lines.append(f"\nCompute multiplier of **{name}** over {m['vs']} at loss {m['at_loss']:.3f}: "
                      f"**{m['value']:.2f}x**{spread}.")
+    shared = result.get("shared_fit_multipliers", {})
+    if "error" in shared:
+        lines.append(f"\nNo shared-shape fit: {shared['error']}.")
+    elif shared:
+        lines += ["", "Shared-shape fit (one E and alpha for all arms, each arm's compute scaled by m): "
+                  "m > 1 means the arm needs 1/m of the reference's compute for any loss.", "",
+                  "| arm | m vs reference | 68% interval |", "|---|---|---|"]
+        lines += [f"| {n} | {m['value']:.3f} | " + (f"{m['interval_68'][0]:.3f}-{m['interval_68'][1]:.3f}"
+                                                    if m["interval_68"] else "-") + " |" for n, m in shared.items()]
     lines += ["", "![loss vs compute](loss_vs_compute.png)", "", "![curves](curves.png)", ""]
     return "\n".join(lines)
 

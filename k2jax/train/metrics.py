@@ -72,14 +72,12 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None = None) -> None:
     """Two panels: train/eval loss over steps; per-layer max attention logit over steps (tau dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     records = {r["step"]: r for r in read_metrics(metrics_jsonl)}  # a resumed run re-logs steps: keep the last
     steps = sorted(records)
-    fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_logit = fig.subplots(1, 2)
     train = [(s, records[s]["loss"]) for s in steps if records[s].get("loss") is not None]
     evals = [(s, records[s]["eval_loss"]) for s in steps if records[s].get("eval_loss") is not None]
     if train:
@@ -100,4 +98,3 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
     ax_logit.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
