@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= experiments/default.yaml
 ARGS ?=
+# pytest-xdist worker processes for `make test` (auto: one per core)
+WORKERS ?= auto
 
 .PHONY: train test venv clean
 
@@ -21,7 +23,7 @@ train: venv
 	$(BIN)/k2jax train $(CONFIG) $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(WORKERS) tests
 
 clean:
 	rm -rf $(VENV) runs
