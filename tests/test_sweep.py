@@ -123,3 +123,10 @@ def test_curve_analysis_fits_each_runs_held_out_curve(tmp_path):
     assert shared["value"] == pytest.approx(1.5, rel=0.03)
     assert shared["interval_68"][0] < shared["value"] < shared["interval_68"][1]
     assert "held-out curves" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_sweep_files_load(path):
+    """Every run of every committed sweep (CPU and GPU sizes) is a valid config."""
+    sweep = load_sweep(path)
+    assert len(sweep.runs) >= 3 and len({r.name for r in sweep.runs}) == len(sweep.runs)

@@ -197,6 +197,7 @@ def _curve_points(sweep_dir: Path, row: dict) -> list[tuple[float, float]]:
 
 def _plot_fits(points, fits, ylabel, path, title):
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -210,6 +211,7 @@ def _plot_fits(points, fits, ylabel, path, title):
             ax.plot(grid, f.loss(grid), color=color, lw=1,
                     label=f"{name}: {f.e:.2f} + {f.a:.2f}(C/1e12)^-{f.alpha:.2f}")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a short log axis overlap
     ax.set_xlabel("training compute (FLOPs)")
     ax.set_ylabel(ylabel.replace("_", " "))
     ax.set_title(title or "loss vs compute")
