@@ -78,3 +78,18 @@ def test_resume_with_another_process_count_is_refused(two_process_run, tmp_path)
     with pytest.raises(CheckpointError, match="2 processes"):
         train(cfg, resume=True)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3, 6]
+
+
+def test_tensor_axis_must_stay_within_a_process():
+    """Two hosts with 2 devices each: tensor=2 keeps row-sharing devices on one host, tensor=4 does not."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from k2jax.config import ConfigError
+    from k2jax.parallel.distributed import check_tensor_axis_within_processes
+
+    devices = np.array([SimpleNamespace(id=i, process_index=i // 2) for i in range(4)])
+    check_tensor_axis_within_processes(devices.reshape(2, 1, 1, 2))  # (data, fsdp, expert, tensor)
+    with pytest.raises(ConfigError, match=r"mesh.tensor=4 spans processes \[0, 1\]"):
+        check_tensor_axis_within_processes(devices.reshape(1, 1, 1, 4))

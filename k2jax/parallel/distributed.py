@@ -52,6 +52,17 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // n
 
 
+def check_tensor_axis_within_processes(device_grid) -> None:
+    """Each process loads whole rows, so devices that share rows (one `tensor` group: the
+    last mesh axis) must all belong to one process; otherwise rows would silently mismatch."""
+    grid = np.asarray(device_grid)
+    for group in grid.reshape(-1, grid.shape[-1]):
+        processes = sorted({d.process_index for d in group})
+        if len(processes) > 1:
+            raise ConfigError(f"mesh.tensor={grid.shape[-1]} spans processes {processes}: the tensor axis must "
+                              f"stay within one host (at most its {len(group) // len(processes)} local devices)")
+
+
 def from_process_local(batch: dict, sharding: NamedSharding) -> dict:
     """Global arrays from each process's own rows (B / processes, ...) -> (B, ...)."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

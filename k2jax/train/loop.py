@@ -126,6 +126,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     setup, state = init_train_state(cfg)
+    distributed.check_tensor_axis_within_processes(setup.mesh.devices)
     batch_sh = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
     train_iter = pipeline.train_iterator(train_chunks, cfg.data.seq_len,
                                          distributed.local_batch_size(cfg.train.batch_size), seed=cfg.data.seed)
