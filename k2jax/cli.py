@@ -1,5 +1,6 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
-`k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`."""
+`k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`,
+`k2jax bench CONFIG`."""
 
 from __future__ import annotations
 
@@ -116,6 +117,14 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from k2jax.train.bench import bench, format_table
+
+    cfg = _load(args.config, args.set)
+    print(format_table(bench(cfg, steps=args.steps, warmup=args.warmup), cfg))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("bench", help="train-step time, tokens/s, MFU, memory: MuonClip vs Muon vs AdamW")
+    p.add_argument("config", help="experiment YAML or a model preset name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per optimizer (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -202,3 +202,17 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
         sample(run.model, prompt, run.config.model.max_seq_len)
     with pytest.raises(CheckpointError, match="not a run directory"):
         load_run(out / "tokenizer")
+
+
+def test_bench_times_each_optimizer_on_the_same_step():
+    from k2jax.train.bench import bench, format_table
+
+    cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=32"])
+    rows = bench(cfg, steps=2, warmup=0, optimizers=("muonclip", "adamw"))
+    assert [r["optimizer"] for r in rows] == ["muonclip", "adamw"]
+    assert rows[0]["ratio"] == 1.0 and all(r["step_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    assert rows[1]["ratio"] == pytest.approx(rows[1]["step_s"] ** -1 * rows[0]["step_s"])
+    assert all(r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_s"]) for r in rows)
+    assert rows[0]["mfu"] is None  # no published peak for a CPU
+    table = format_table(rows, cfg)
+    assert "muonclip/this" in table and "adamw" in table

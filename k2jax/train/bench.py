@@ -1,0 +1,92 @@
+"""Whole-train-step benchmark: MuonClip against plain Muon and AdamW on the same model and batch.
+
+Each optimizer gets its own state and compiled step; steps are then timed round-robin
+(one step of each per round) so all three see the same machine load, and the medians are
+compared as ratios from this one run. Batches are random tokens: the step's cost does not
+depend on the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from k2jax.config import Config
+from k2jax.parallel.sharding import batch_sharding
+from k2jax.train import flops as flops_lib
+from k2jax.train.step import init_train_state, make_train_step
+
+OPTIMIZERS = ("muonclip", "muon", "adamw")
+
+
+def _random_batch(cfg: Config, seed: int = 0) -> dict:
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    tokens = np.random.default_rng(seed).integers(3, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
+def _peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, optimizers=OPTIMIZERS) -> list[dict]:
+    """One row per optimizer: median step time, tokens/s, model FLOPs/token, MFU (where the
+    device's peak is known), compile time, peak device memory, and the first optimizer's step
+    time over this one's (for MuonClip first: its slowdown relative to each)."""
+    runs = {}
+    for name in optimizers:
+        run_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name=name))
+        setup, state = init_train_state(run_cfg)
+        batch = jax.device_put(_random_batch(run_cfg), batch_sharding(setup.mesh, (cfg.train.batch_size,
+                                                                                   cfg.data.seq_len)))
+        step = make_train_step(run_cfg, setup)
+        started = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - started
+        for _ in range(warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        runs[name] = {"step": step, "state": state, "batch": batch, "times": [], "compile_s": compile_s}
+    for _ in range(steps):  # round-robin: every optimizer sees the same load
+        for run in runs.values():
+            started = time.perf_counter()
+            run["state"], metrics = run["step"](run["state"], run["batch"])
+            jax.block_until_ready(metrics)
+            run["times"].append(time.perf_counter() - started)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+    first = statistics.median(next(iter(runs.values()))["times"])
+    rows = []
+    for name, run in runs.items():
+        step_s = statistics.median(run["times"])
+        rows.append({"optimizer": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
+                     "model_flops_per_token": per_token["total"], "attention_flops_per_token": per_token["attention"],
+                     "mfu": flops_lib.mfu(tokens / step_s, per_token["total"], jax.device_count(), peak) if peak else None,
+                     "compile_s": run["compile_s"], "ratio": first / step_s})
+    rows[-1]["peak_memory_bytes"] = _peak_memory_bytes()  # the process's peak over all three
+    return rows
+
+
+def format_table(rows: list[dict], cfg: Config) -> str:
+    device = jax.devices()[0]
+    lines = [f"{cfg.model.num_layers} layers, d_model {cfg.model.d_model}, {cfg.model.num_experts} experts; "
+             f"batch {cfg.train.batch_size} x {cfg.data.seq_len}; {jax.device_count()} x {device.device_kind}",
+             f"model FLOPs/token {rows[0]['model_flops_per_token']:.3e} "
+             f"(attention {rows[0]['attention_flops_per_token']:.3e})",
+             "", f"{'optimizer':10s} {'step ms':>9s} {'tokens/s':>11s} {'MFU':>7s} {'compile s':>10s} "
+             f"{rows[0]['optimizer'] + '/this':>14s}"]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        lines.append(f"{r['optimizer']:10s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:11,.0f} {mfu:>7s} "
+                     f"{r['compile_s']:10.1f} {r['ratio']:13.3f}x")
+    peak = rows[-1].get("peak_memory_bytes")
+    lines.append(f"peak device memory: {peak / 2**30:.2f} GiB" if peak else "peak device memory: n/a on this backend")
+    return "\n".join(lines)
