@@ -118,10 +118,17 @@ def cmd_sample(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from k2jax.train.bench import bench, format_table
+    from k2jax.train.bench import bench, format_table, optimizer_variants
 
     cfg = _load(args.config, args.set)
-    print(format_table(bench(cfg, steps=args.steps, warmup=args.warmup), cfg))
+    if args.compare:
+        key, sep, values = args.compare.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--compare: expected KEY=VALUE1,VALUE2,..., got {args.compare!r}")
+        variants = {v: _load(args.config, [*args.set, f"{key}={v}"]) for v in values.split(",")}
+    else:
+        variants = optimizer_variants(cfg)
+    print(format_table(bench(variants, steps=args.steps, warmup=args.warmup), cfg))
     return 0
 
 
@@ -188,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="train-step time, tokens/s, MFU, memory: MuonClip vs Muon vs AdamW")
     p.add_argument("config", help="experiment YAML or a model preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per optimizer (median reported)")
+    p.add_argument("--compare", metavar="KEY=V1,V2,...", help="time these values of one config key "
+                   "(e.g. model.expert_parallel=shard_map,gspmd) instead of the three optimizers")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.set_defaults(fn=cmd_bench)
 

@@ -68,6 +68,9 @@ class ModelConfig:
     v_head_dim: int = 32
     rope_theta: float = 10000.0
     yarn: Optional[YarnConfig] = None
+    # "plain" materialises the logits (reference, CPU); "flash" is the Pallas kernel (GPU; interpreted
+    # elsewhere, slowly); "auto" = flash on GPU when the sequence tiles into 16-position blocks, else plain.
+    attention_impl: Literal["auto", "plain", "flash"] = "auto"
 
     # MoE (used by layers after the first num_dense_layers).
     num_experts: int = 8
@@ -84,6 +87,9 @@ class ModelConfig:
     bias_update_rate: float = 1e-3  # aux-loss-free balancing bias step (sigmoid_bias)
     moe_dispatch: Literal["ragged", "capacity"] = "ragged"
     capacity_factor: float = 1.25
+    # Ragged dispatch on a mesh with experts sharded over its expert axis: explicit
+    # all-gather / reduce-scatter under shard_map, or left to GSPMD (slower; for comparison).
+    expert_parallel: Literal["shard_map", "gspmd"] = "shard_map"
 
     rms_eps: float = 1e-6
     tie_embeddings: bool = False

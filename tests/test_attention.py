@@ -74,9 +74,11 @@ def _packed(rows):
     return packed_layout(rows, T)
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
+@pytest.fixture(scope="module", params=[(kind, impl) for kind in KINDS for impl in ("plain", "flash")],
+                ids=lambda p: "-".join(p))
 def setup(request):
-    cfg = KINDS[request.param]
+    kind, impl = request.param  # the flash kernel runs interpreted on CPU: same brute-force checks
+    cfg = dataclasses.replace(KINDS[kind], attention_impl=impl)
     attn = Attention(cfg, stats_key="s", rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(attn, nnx.Param))
     # larger weights so logits are O(1..10) and the max is well separated from rounding

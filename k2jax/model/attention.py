@@ -2,7 +2,8 @@
 
 The statistic QK-Clip needs, S_h = max over the batch and all unmasked
 (query, key) pairs of the scaled pre-softmax logit, is read off the logits the
-plain path materialises anyway, so it costs one reduction, not a second pass.
+plain path materialises anyway, or off the running row maximum of the flash
+kernel (`flash_attention.py`), so it costs one reduction, not a second pass.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
+from k2jax.model.flash_attention import MIN_BLOCK, flash_attend
 from k2jax.model.layers import RMSNorm, dtype_of, make_param
 from k2jax.model.rope import apply_rope, softmax_scale
 
@@ -79,6 +81,12 @@ class Attention(nnx.Module):
         self.wo = make_param(rngs, (h, dv, d), cfg, axes=("heads", "head_dim", "embed"),
                              in_axes=("heads", "head_dim"))
 
+    def _use_flash(self, seq_len):
+        impl = self.cfg.attention_impl
+        if impl == "auto":  # e.g. sampling at odd lengths falls back to the plain path
+            return jax.default_backend() == "gpu" and seq_len % MIN_BLOCK == 0
+        return impl == "flash"
+
     def _w(self, name):
         return getattr(self, name)[...].astype(dtype_of(self.cfg.compute_dtype))
 
@@ -106,5 +114,8 @@ class Attention(nnx.Module):
             q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self._w("wq")), cos, sin)
             k = apply_rope(jnp.einsum("btd,dgk->btgk", x, self._w("wk")), cos, sin)
             v = jnp.einsum("btd,dgk->btgk", x, self._w("wv"))
-        out, max_logits = attend(q, k, v, attention_mask(segment_ids), self.scale)
+        if self._use_flash(x.shape[1]):
+            out, max_logits = flash_attend(q, k, v, segment_ids, self.scale)
+        else:
+            out, max_logits = attend(q, k, v, attention_mask(segment_ids), self.scale)
         return jnp.einsum("bthd,hde->bte", out, self._w("wo")), max_logits

@@ -1,7 +1,8 @@
 """Mixture-of-Experts FFN: DeepSeek-V3 routing, dropless ragged dispatch, capacity dispatch.
 
 Routing is a pure function (`route`); expert compute either sorts token copies by
-expert and runs jax.lax.ragged_dot (dropless, default) or packs them into
+expert and runs jax.lax.ragged_dot (dropless, default; with explicit all-gather /
+reduce-scatter over the mesh's expert axis when the experts are sharded) or packs them into
 fixed-capacity (E, C, D) buffers with one-hot einsums (the GSPMD expert-parallel
 form, which drops overflow). The aux-loss-free balancing bias lives in a
 RouterBias variable that the optimizer never sees; `update_router_bias` is the
@@ -18,6 +19,7 @@ from flax import nnx
 
 from k2jax.config import ModelConfig
 from k2jax.model.layers import SwiGLU, dtype_of, make_param
+from k2jax.parallel.sharding import logical_spec
 
 
 class RouterBias(nnx.Variable):
@@ -58,14 +60,68 @@ def _swiglu_ragged(xs, gate, up, down, group_sizes):
 
 
 def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down):
-    """Dropless: x (N, D), ids/weights (N, K), expert weights (E, D, F)/(E, F, D) -> (N, D)."""
+    """Dropless: x (N, D), ids/weights (N, K), expert weights (E, D, F)/(E, F, D) -> (N, D).
+
+    Ids outside [0, E) are token copies meant for experts held elsewhere: they sort
+    last, fall outside every group (ragged_dot leaves those rows zero) and add nothing.
+    """
     n, k = ids.shape
+    e = w_gate.shape[0]
     flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # token copies grouped by expert
-    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
+    here = (flat >= 0) & (flat < e)
+    order = jnp.argsort(jnp.where(here, flat, e), stable=True)  # token copies grouped by expert
+    group_sizes = jnp.bincount(jnp.where(here, flat, e), length=e).astype(jnp.int32)
     ys = _swiglu_ragged(x[order // k], w_gate, w_up, w_down, group_sizes)  # (N*K, D)
     ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    weights = jnp.where(here.reshape(n, k), weights, 0.0)
     return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype)), jnp.zeros((), jnp.float32)
+
+
+def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mesh):
+    """Token and expert-weight PartitionSpecs for `dispatch_expert_parallel`, or None when
+    the mesh does not split both the tokens and the experts over its expert axis."""
+    if "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
+        return None
+    tokens = logical_spec(("batch", "norm"), (n_tokens, 1), mesh)
+    w_in = logical_spec(("experts", "embed", "expert_mlp"), expert_shape, mesh)
+    if "expert" not in _axes(tokens[0]) or w_in[0] != "expert":
+        return None
+    w_out = logical_spec(("experts", "expert_mlp", "embed"), expert_shape[:1] + expert_shape[:0:-1], mesh)
+    return tokens, w_in, w_out
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def dispatch_expert_parallel(x, ids, weights, w_gate, w_up, w_down, mesh, specs):
+    """Dropless expert parallelism with explicit collectives (shard_map), same result as dispatch_ragged.
+
+    Each expert-axis shard holds E/ep experts. It all-gathers the token copies of its
+    expert-axis group (x, ids, weights: (N/ep, ...) -> (N, ...)), runs its own experts on
+    the copies routed to them, and a reduce-scatter returns every token's sum to the shard
+    that owns it. FSDP shards of the expert weights are all-gathered inside (their
+    gradients reduce-scattered by AD); a tensor-split FFN width is summed with psum.
+    """
+    tokens, w_in, w_out = specs
+    token_spec = jax.sharding.PartitionSpec(tokens[0], None)
+
+    def local(x, ids, weights, w_gate, w_up, w_down):
+        for axis in _axes(w_in[1]):  # FSDP: whole d_model rows for this shard's experts
+            w_gate = jax.lax.all_gather(w_gate, axis, axis=1, tiled=True)
+            w_up = jax.lax.all_gather(w_up, axis, axis=1, tiled=True)
+        for axis in _axes(w_out[2]):
+            w_down = jax.lax.all_gather(w_down, axis, axis=2, tiled=True)
+        gather = lambda a: jax.lax.all_gather(a, "expert", axis=0, tiled=True)  # noqa: E731
+        first_expert = jax.lax.axis_index("expert") * w_gate.shape[0]
+        y, _ = dispatch_ragged(gather(x), gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down)
+        y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)  # (N/ep, D) of own tokens
+        tensor = _axes(w_in[2])
+        return jax.lax.psum(y, tensor) if tensor else y
+
+    y = jax.shard_map(local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w_in, w_in, w_out),
+                      out_specs=token_spec)(x, ids, weights, w_gate, w_up, w_down)
+    return y, jnp.zeros((), jnp.float32)
 
 
 def dispatch_capacity(x, ids, weights, valid, w_gate, w_up, w_down, capacity_factor):
@@ -113,7 +169,12 @@ class MoE(nnx.Module):
         weights = weights * vf[:, None]
         cdt = dtype_of(cfg.compute_dtype)
         experts = (self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
-        if cfg.moe_dispatch == "ragged":
+        mesh = jax.sharding.get_abstract_mesh()  # set by the train/eval step around its trace
+        use_ep = cfg.expert_parallel == "shard_map" and not mesh.empty
+        ep_specs = expert_parallel_specs(xf.shape[0], experts[0].shape, mesh) if use_ep else None
+        if cfg.moe_dispatch == "ragged" and ep_specs is not None:
+            y, dropped = dispatch_expert_parallel(xf, ids, weights, *experts, mesh, ep_specs)
+        elif cfg.moe_dispatch == "ragged":
             y, dropped = dispatch_ragged(xf, ids, weights, *experts)
         else:
             y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, cfg.capacity_factor)

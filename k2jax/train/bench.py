@@ -1,7 +1,8 @@
-"""Whole-train-step benchmark: MuonClip against plain Muon and AdamW on the same model and batch.
+"""Whole-train-step benchmark: MuonClip against plain Muon and AdamW on the same model and batch,
+or any config key's values against each other (`--compare model.attention_impl=plain,flash`).
 
-Each optimizer gets its own state and compiled step; steps are then timed round-robin
-(one step of each per round) so all three see the same machine load, and the medians are
+Each variant gets its own state and compiled step; steps are then timed round-robin
+(one step of each per round) so all see the same machine load, and the medians are
 compared as ratios from this one run. Batches are random tokens: the step's cost does not
 depend on the text.
 """
@@ -35,16 +36,20 @@ def _peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, optimizers=OPTIMIZERS) -> list[dict]:
-    """One row per optimizer: median step time, tokens/s, model FLOPs/token, MFU (where the
-    device's peak is known), compile time, peak device memory, and the first optimizer's step
+def optimizer_variants(cfg: Config, optimizers=OPTIMIZERS) -> dict[str, Config]:
+    """The same run with each optimizer (the default comparison)."""
+    return {name: dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name=name)) for name in optimizers}
+
+
+def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2) -> list[dict]:
+    """One row per variant: median step time, tokens/s, model FLOPs/token, MFU (where the
+    device's peak is known), compile time, peak device memory, and the first variant's step
     time over this one's (for MuonClip first: its slowdown relative to each)."""
     runs = {}
-    for name in optimizers:
-        run_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name=name))
+    for name, run_cfg in variants.items():
         setup, state = init_train_state(run_cfg)
-        batch = jax.device_put(_random_batch(run_cfg), batch_sharding(setup.mesh, (cfg.train.batch_size,
-                                                                                   cfg.data.seq_len)))
+        shape = (run_cfg.train.batch_size, run_cfg.data.seq_len)
+        batch = jax.device_put(_random_batch(run_cfg), batch_sharding(setup.mesh, shape))
         step = make_train_step(run_cfg, setup)
         started = time.perf_counter()
         state, metrics = step(state, batch)
@@ -53,21 +58,23 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, optimizers=OPTIMIZER
         for _ in range(warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
-        runs[name] = {"step": step, "state": state, "batch": batch, "times": [], "compile_s": compile_s}
-    for _ in range(steps):  # round-robin: every optimizer sees the same load
+        runs[name] = {"step": step, "state": state, "batch": batch, "times": [], "compile_s": compile_s,
+                      "cfg": run_cfg}
+    for _ in range(steps):  # round-robin: every variant sees the same load
         for run in runs.values():
             started = time.perf_counter()
             run["state"], metrics = run["step"](run["state"], run["batch"])
             jax.block_until_ready(metrics)
             run["times"].append(time.perf_counter() - started)
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     first = statistics.median(next(iter(runs.values()))["times"])
     rows = []
     for name, run in runs.items():
+        cfg = run["cfg"]
+        tokens = cfg.train.batch_size * cfg.data.seq_len
+        per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)
         step_s = statistics.median(run["times"])
-        rows.append({"optimizer": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
+        rows.append({"variant": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
                      "model_flops_per_token": per_token["total"], "attention_flops_per_token": per_token["attention"],
                      "mfu": flops_lib.mfu(tokens / step_s, per_token["total"], jax.device_count(), peak) if peak else None,
                      "compile_s": run["compile_s"], "ratio": first / step_s})
@@ -81,11 +88,11 @@ def format_table(rows: list[dict], cfg: Config) -> str:
              f"batch {cfg.train.batch_size} x {cfg.data.seq_len}; {jax.device_count()} x {device.device_kind}",
              f"model FLOPs/token {rows[0]['model_flops_per_token']:.3e} "
              f"(attention {rows[0]['attention_flops_per_token']:.3e})",
-             "", f"{'optimizer':10s} {'step ms':>9s} {'tokens/s':>11s} {'MFU':>7s} {'compile s':>10s} "
-             f"{rows[0]['optimizer'] + '/this':>14s}"]
+             "", f"{'variant':16s} {'step ms':>9s} {'tokens/s':>11s} {'MFU':>7s} {'compile s':>10s} "
+             f"{rows[0]['variant'] + '/this':>14s}"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"{r['optimizer']:10s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:11,.0f} {mfu:>7s} "
+        lines.append(f"{r['variant']:16s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:11,.0f} {mfu:>7s} "
                      f"{r['compile_s']:10.1f} {r['ratio']:13.3f}x")
     peak = rows[-1].get("peak_memory_bytes")
     lines.append(f"peak device memory: {peak / 2**30:.2f} GiB" if peak else "peak device memory: n/a on this backend")

@@ -10,6 +10,7 @@ The model structure (nnx graphdef) is static and rebuilt with nnx.merge inside.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -93,6 +94,20 @@ def _forward(graphdef, params, model_state, batch: Batch):
     return nll_sum, count, stats
 
 
+def _with_mesh(mesh):
+    """Trace fn with `mesh` as the abstract mesh, so layers can lay out explicit collectives (MoE)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args)
+
+        return traced
+
+    return wrap
+
+
 def _split_micro(batch: Batch, n: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
@@ -111,6 +126,7 @@ def make_train_step(cfg: Config, setup: TrainSetup):
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    @_with_mesh(setup.mesh)
     def train_step(state, batch: Batch):
         params, model_state = state["params"], state["model_state"]
         n_valid = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
@@ -183,6 +199,7 @@ def _merge_stats(a: dict, b: dict) -> dict:
 def make_eval_step(setup: TrainSetup):
     """Jitted eval_step(params, model_state, batch) -> (sum of token NLL, token count)."""
 
+    @_with_mesh(setup.mesh)
     def eval_step(params, model_state, batch: Batch):
         nll_sum, count, _ = _forward(setup.graphdef, params, model_state, batch)
         return nll_sum, count
