@@ -5,8 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from k2jax.config import ModelConfig
+from k2jax.parallel.sharding import logical_spec
 from k2jax.params import param_metadata
 
 
@@ -56,7 +58,13 @@ class Embed(nnx.Module):
                                 kind="embedding", std=1.0)
 
     def __call__(self, tokens):  # (B, T) -> (B, T, D)
-        return jnp.take(self.table[...], tokens, axis=0).astype(self.cdtype)
+        table = self.table[...]
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty:  # gather the FSDP (d_model) shards first, as for any FSDP weight; left
+            # to itself GSPMD replicates the looked-up (B, T, D) activations instead
+            vocab = logical_spec(("vocab",), table.shape[:1], mesh)[0]
+            table = jax.lax.with_sharding_constraint(table, PartitionSpec(vocab, None))
+        return jnp.take(table, tokens, axis=0).astype(self.cdtype)
 
     def attend(self, x):  # (B, T, D) -> (B, T, V)
         return jnp.einsum("btd,vd->btv", x, self.table[...].astype(x.dtype))
