@@ -45,7 +45,9 @@ def cmd_info(args) -> int:
 
     from k2jax.model.count import abstract_model, count_params
     from k2jax.optim import describe
+    from k2jax.optim.muon import newton_schulz_flops
     from k2jax.params import param_info
+    from k2jax.train.flops import flops_per_token
 
     cfg = _load(args.config, args.set)
     counts = count_params(cfg.model)
@@ -56,8 +58,14 @@ def cmd_info(args) -> int:
     print(f"total parameters:     {_human(counts['total'])} ({counts['total']:,})")
     print(f"activated per token:  {_human(counts['activated'])} ({counts['activated']:,})")
     print(f"embedding + head:     {_human(counts['embedding'])}")
+    state = nnx.state(abstract_model(cfg.model), nnx.Param)
+    infos = param_info(state)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    step_flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"] * tokens
+    ns = newton_schulz_flops(infos, nnx.to_pure_dict(state))
+    print(f"Newton-Schulz FLOPs per Muon step: {ns:.3e} = {ns / step_flops:.1%} of the model FLOPs of a "
+          f"{tokens:,}-token step (train.batch_size x data.seq_len)")
     if args.params:
-        infos = param_info(nnx.state(abstract_model(cfg.model), nnx.Param))
         print(f"\noptimizer '{cfg.optim.name}' rules per parameter:")
         for row in describe(infos, cfg.optim.name):
             print("  " + "  ".join(str(c) for c in row))

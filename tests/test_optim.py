@@ -79,6 +79,27 @@ def test_stacked_matrices_are_orthogonalised_one_by_one():
             np.testing.assert_allclose(updates[name][i], expected, rtol=2e-3, atol=2e-4)
 
 
+def test_newton_schulz_flop_count_matches_xla_cost_analysis():
+    """Our closed form against XLA's own count for optax's Newton-Schulz on a stacked (4, 96, 40)
+    parameter (fan-in 96 -> transposed to the wide orientation) and a (48, 80) one."""
+    from k2jax.optim.muon import newton_schulz_flops
+
+    infos = {"stack": ParamInfo(axes=("layers", "embed", "mlp"), kind="matrix", in_axes=("embed",)),
+             "wide": ParamInfo(axes=("embed", "mlp"), kind="matrix", in_axes=("embed",)),
+             "norm": ParamInfo(axes=("norm",), kind="norm")}
+    params = {"stack": jnp.ones((4, 96, 40)), "wide": jnp.ones((48, 80)), "norm": jnp.ones((80,))}
+    dims = {"stack": MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,)),
+            "wide": MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))}
+    tx = scale_by_muon(beta=0.0, nesterov=False, weight_dimension_numbers=dims, **NS)
+    matrices = {k: params[k] for k in dims}  # the norm is AdamW's: not counted
+    counted = jax.jit(lambda g: tx.update(g, tx.init(g))[0]).lower(matrices).compile().cost_analysis()
+    counted = counted[0] if isinstance(counted, list) else counted
+    expected = newton_schulz_flops(infos, params)
+    assert expected == pytest.approx(5 * (4 * (4 * 40**2 * 96 + 2 * 40**3) + 4 * 48**2 * 80 + 2 * 48**3))
+    # XLA also counts the elementwise work (normalisation, a*X + B*X): a few percent on top
+    assert expected <= counted["flops"] <= 1.1 * expected, (expected, counted["flops"])
+
+
 def test_update_rms_matches_adamw_scale():
     """An orthogonal A x B matrix has RMS 1/sqrt(max(A, B)); scaled by 0.2*sqrt(max(A, B)) the
     update RMS is 0.2 * (RMS of the Newton-Schulz output * sqrt(max)), i.e. ~0.2."""

@@ -214,5 +214,6 @@ def test_bench_times_each_optimizer_on_the_same_step():
     assert rows[1]["ratio"] == pytest.approx(rows[1]["step_s"] ** -1 * rows[0]["step_s"])
     assert all(r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_s"]) for r in rows)
     assert rows[0]["mfu"] is None  # no published peak for a CPU
+    assert rows[0]["newton_schulz_flops"] > 0 and rows[1]["newton_schulz_flops"] == 0  # AdamW has none
     table = format_table(rows, cfg)
-    assert "muonclip/this" in table and "adamw" in table
+    assert "muonclip/this" in table and "adamw" in table and "Newton-Schulz FLOPs/step" in table

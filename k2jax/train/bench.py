@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from k2jax.config import Config
+from k2jax.optim.muon import newton_schulz_flops
 from k2jax.parallel.sharding import batch_sharding
 from k2jax.train import flops as flops_lib
 from k2jax.train.step import init_train_state, make_train_step
@@ -58,8 +59,9 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2) -> l
         for _ in range(warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
+        uses_muon = run_cfg.optim.name in ("muon", "muonclip")
         runs[name] = {"step": step, "state": state, "batch": batch, "times": [], "compile_s": compile_s,
-                      "cfg": run_cfg}
+                      "cfg": run_cfg, "ns_flops": newton_schulz_flops(setup.infos, state["params"]) if uses_muon else 0.0}
     for _ in range(steps):  # round-robin: every variant sees the same load
         for run in runs.values():
             started = time.perf_counter()
@@ -77,7 +79,8 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2) -> l
         rows.append({"variant": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
                      "model_flops_per_token": per_token["total"], "attention_flops_per_token": per_token["attention"],
                      "mfu": flops_lib.mfu(tokens / step_s, per_token["total"], jax.device_count(), peak) if peak else None,
-                     "compile_s": run["compile_s"], "ratio": first / step_s})
+                     "compile_s": run["compile_s"], "ratio": first / step_s,
+                     "newton_schulz_flops": run["ns_flops"], "model_flops_per_step": per_token["total"] * tokens})
     rows[-1]["peak_memory_bytes"] = _peak_memory_bytes()  # the process's peak over all three
     return rows
 
@@ -94,6 +97,10 @@ def format_table(rows: list[dict], cfg: Config) -> str:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(f"{r['variant']:16s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:11,.0f} {mfu:>7s} "
                      f"{r['compile_s']:10.1f} {r['ratio']:13.3f}x")
+    ns = next((r for r in rows if r["newton_schulz_flops"]), None)
+    if ns:  # Muon's cost scales with total parameters, the model's with activated ones times tokens
+        lines.append(f"Newton-Schulz FLOPs/step {ns['newton_schulz_flops']:.3e} = "
+                     f"{ns['newton_schulz_flops'] / ns['model_flops_per_step']:.1%} of the step's model FLOPs")
     peak = rows[-1].get("peak_memory_bytes")
     lines.append(f"peak device memory: {peak / 2**30:.2f} GiB" if peak else "peak device memory: n/a on this backend")
     return "\n".join(lines)
