@@ -90,6 +90,9 @@ class ModelConfig:
     # Ragged dispatch on a mesh with experts sharded over its expert axis: explicit
     # all-gather / reduce-scatter under shard_map, or left to GSPMD (slower; for comparison).
     expert_parallel: Literal["shard_map", "gspmd"] = "shard_map"
+    # Grouped matmul of the ragged dispatch: jax.lax.ragged_dot, or batched matmuls over
+    # expert-pure row tiles (k2jax's own; "auto" uses it on CPU, where ragged_dot is dense).
+    grouped_matmul: Literal["auto", "ragged_dot", "tiled"] = "auto"
 
     rms_eps: float = 1e-6
     tie_embeddings: bool = False

@@ -77,10 +77,16 @@ def test_flash_bfloat16_close_to_plain():
     np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(o_ref, np.float32), atol=2e-2)
 
 
-def test_flash_refuses_sequences_that_do_not_tile():
+def test_flash_tiles_any_length_when_interpreted_and_refuses_small_tiles_on_gpu():
     q, k, v = _qkv(2, 2, 16, 16, jnp.float32)
-    with pytest.raises(ValueError, match="multiple of the flash blocks"):
-        flash_attend(q[:, :40], k[:, :40], v[:, :40], jnp.ones((2, 40), jnp.int32), 0.25, block_q=16)
+    seg = jnp.ones((2, 40), jnp.int32)  # 40 = 8 x 5: tiles of 8
+    q, k, v = q[:, :40], k[:, :40], v[:, :40]
+    o_ref, m_ref = attend(q, k, v, attention_mask(seg), 0.25)
+    o, m = flash_attend(q, k, v, seg, 0.25, interpret=True)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(m), np.asarray(m_ref), rtol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        flash_attend(q, k, v, seg, 0.25, interpret=False)
 
 
 def test_model_trains_the_same_with_either_attention():

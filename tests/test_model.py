@@ -139,7 +139,7 @@ def test_published_parameter_counts(name, total, activated):
     assert abs(counts["activated"] / activated - 1) < 0.015, counts
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base", "base-dense", "large", "kimi-k2"])
+@pytest.mark.parametrize("name", ["tiny", "small", "medium", "base", "base-dense", "large", "kimi-k2"])
 def test_model_counts_match_analytic_formulas(name):
     cfg = PRESETS[name]
     from_model = count_params(cfg)

@@ -78,10 +78,11 @@ def _np_moe(p, cfg, x, bias):
     return out, ids
 
 
-@pytest.mark.parametrize("dispatch", ["ragged", "capacity"])
+@pytest.mark.parametrize("dispatch, grouped_matmul", [("ragged", "ragged_dot"), ("ragged", "tiled"),
+                                                     ("capacity", "auto")])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_dispatch_matches_naive_loop(dispatch, groups):
-    cfg = dataclasses.replace(CFG, moe_dispatch=dispatch, num_expert_groups=groups)
+def test_dispatch_matches_naive_loop(dispatch, grouped_matmul, groups):
+    cfg = dataclasses.replace(CFG, moe_dispatch=dispatch, grouped_matmul=grouped_matmul, num_expert_groups=groups)
     moe = MoE(cfg, nnx.Rngs(0))
     moe.bias.value = jax.random.normal(jax.random.key(7), (cfg.num_experts,)) * 0.01
     x = jax.random.normal(jax.random.key(2), (B, T, cfg.d_model))
@@ -96,6 +97,25 @@ def test_dispatch_matches_naive_loop(dispatch, groups):
     assert float(stats["dropped_fraction"]) == 0.0
 
 
+@pytest.mark.parametrize("group_sizes", [[50, 0, 100, 70, 1, 79], [0] * 6, [300, 0, 0, 0, 0, 0], [10, 20, 0, 5, 99, 3]])
+def test_tiled_grouped_matmul_equals_ragged_dot(group_sizes):
+    """Empty groups, one full group, and rows past every group (sum 137 < 300: they come back zero)."""
+    from k2jax.model.moe import _swiglu_ragged, _swiglu_tiled
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    args = (jax.random.normal(keys[0], (300, 16)), jax.random.normal(keys[1], (6, 16, 8)),
+            jax.random.normal(keys[2], (6, 16, 8)), jax.random.normal(keys[3], (6, 8, 16)))
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    tiled = lambda *a: _swiglu_tiled(*a, sizes, tile=16)  # noqa: E731
+    ragged = lambda *a: _swiglu_ragged(*a, sizes)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(tiled(*args)), np.asarray(ragged(*args)), rtol=1e-5, atol=2e-4)
+    assert np.all(np.asarray(tiled(*args))[int(sizes.sum()):] == 0)
+    probe = jax.random.normal(jax.random.key(5), (300, 16))  # linear loss: no float32 amplification
+    grads = [jax.grad(lambda *a: jnp.sum(f(*a) * probe), argnums=(0, 1, 2, 3))(*args) for f in (tiled, ragged)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 def test_small_capacity_drops_and_reports_it():
     cfg = dataclasses.replace(CFG, moe_dispatch="capacity", capacity_factor=0.25)
     moe = MoE(cfg, nnx.Rngs(0))
@@ -104,9 +124,10 @@ def test_small_capacity_drops_and_reports_it():
     assert 0.5 < float(stats["dropped_fraction"]) < 1.0  # capacity holds 1/4 of the assignments
 
 
-def test_ragged_gradients_match_dense_reference():
-    """Gradient through ragged_dot equals the gradient of computing every expert for every token."""
-    cfg = CFG
+@pytest.mark.parametrize("grouped_matmul", ["ragged_dot", "tiled"])
+def test_ragged_gradients_match_dense_reference(grouped_matmul):
+    """Gradient through the grouped matmul equals the gradient of computing every expert for every token."""
+    cfg = dataclasses.replace(CFG, grouped_matmul=grouped_matmul)
     moe = MoE(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(4), (B, T, cfg.d_model))
     valid = jnp.ones((B, T), bool)

@@ -196,6 +196,14 @@ def _flash_bwd(scale, block_q, block_k, interpret, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _tile(t, block):
+    """The largest power of two <= block that divides t (Triton tiles are powers of two)."""
+    block = pl.next_power_of_2(block + 1) // 2
+    while t % block:
+        block //= 2
+    return block
+
+
 def _pad_last(x, size):
     return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
@@ -205,16 +213,18 @@ def flash_attend(q, k, v, segment_ids, scale, *, block_q=128, block_k=128, inter
 
     q (B, T, H, Dqk), k (B, T, G, Dqk), v (B, T, G, Dv), segment_ids (B, T) int.
     Returns out (B, T, H, Dv) in q's dtype and max_logits (H,) float32 (no gradient).
-    Head dims are zero-padded to a power of two (Triton tiles); T must divide by the blocks.
+    Head dims are zero-padded to a power of two and blocks shrink to powers of two dividing T
+    (Triton tiles); on GPU they must stay >= 16.
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     b, t, h, dqk = q.shape
     if k.shape[1] != t:
         raise ValueError(f"flash attention is self-attention: q has {t} positions, k has {k.shape[1]}")
-    block_q, block_k = min(block_q, t), min(block_k, t)
-    if t % block_q or t % block_k:
-        raise ValueError(f"sequence length {t} must be a multiple of the flash blocks ({block_q}, {block_k})")
+    block_q, block_k = _tile(t, block_q), _tile(t, block_k)
+    if not interpret and min(block_q, block_k) < MIN_BLOCK:
+        raise ValueError(f"flash attention on GPU needs a sequence length that is a multiple of {MIN_BLOCK}, "
+                         f"got {t} (use model.attention_impl: plain or auto)")
     dv = v.shape[-1]
     d_pad, v_pad = pl.next_power_of_2(dqk), pl.next_power_of_2(dv)
     out, row_max = _flash(_pad_last(q, d_pad), _pad_last(k, d_pad), _pad_last(v, v_pad),

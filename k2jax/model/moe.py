@@ -22,6 +22,9 @@ from k2jax.model.layers import SwiGLU, dtype_of, make_param
 from k2jax.parallel.sharding import logical_spec
 
 
+TILE_ROWS = 64  # rows per tile of the tiled grouped matmul
+
+
 class RouterBias(nnx.Variable):
     """Per-expert selection bias (E,) for aux-loss-free load balancing (not trained by gradients)."""
 
@@ -59,11 +62,47 @@ def _swiglu_ragged(xs, gate, up, down, group_sizes):
     return jax.lax.ragged_dot(h, down, group_sizes)
 
 
-def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down):
+def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int = TILE_ROWS):
+    """The expert SwiGLU on rows sorted by expert, as batched matmuls over fixed-size tiles.
+
+    xs (M, D) sorted by group, group_sizes (E,) with sum <= M (later rows belong to no expert
+    and come back zero). Each group is padded to whole tiles of `tile` rows, so every tile
+    belongs to one expert and its weights are gathered per tile: (M + E * tile) rows of work
+    instead of the E * M that jax.lax.ragged_dot's dense fallback (CPU) computes.
+    """
+    m, e = xs.shape[0], gate.shape[0]
+    num_tiles = -(-m // tile) + e  # static bound: each group wastes less than one tile
+    padded = -(-group_sizes // tile) * tile  # (E,)
+    padded_start = jnp.cumsum(padded) - padded
+    group_end = jnp.cumsum(group_sizes)
+    row = jnp.arange(m)
+    group = jnp.searchsorted(group_end, row, side="right")  # (M,), e for rows past every group
+    in_group = group < e
+    group = jnp.minimum(group, e - 1)
+    dest = jnp.where(in_group, padded_start[group] + row - (group_end - group_sizes)[group], num_tiles * tile)
+    x_tiles = jnp.zeros((num_tiles * tile, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
+    x_tiles = x_tiles.reshape(num_tiles, tile, -1)
+    tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right"), e - 1)
+    h = jax.nn.silu(jnp.einsum("tmd,tdf->tmf", x_tiles, gate[tile_group]))
+    h = h * jnp.einsum("tmd,tdf->tmf", x_tiles, up[tile_group])
+    y = jnp.einsum("tmf,tfd->tmd", h, down[tile_group]).reshape(num_tiles * tile, -1)
+    return jnp.where(in_group[:, None], y.at[dest].get(mode="fill", fill_value=0), 0)
+
+
+def grouped_matmul_impl(cfg: ModelConfig) -> str:
+    """"ragged_dot" or "tiled" for cfg.grouped_matmul ("auto": tiled on CPU, where ragged_dot
+    is lowered densely over all experts; XLA's ragged dot on GPU and TPU)."""
+    if cfg.grouped_matmul != "auto":
+        return cfg.grouped_matmul
+    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down, impl: str = "ragged_dot"):
     """Dropless: x (N, D), ids/weights (N, K), expert weights (E, D, F)/(E, F, D) -> (N, D).
 
     Ids outside [0, E) are token copies meant for experts held elsewhere: they sort
-    last, fall outside every group (ragged_dot leaves those rows zero) and add nothing.
+    last, fall outside every group (their rows come back zero) and add nothing.
+    impl: "ragged_dot" (jax.lax.ragged_dot) or "tiled" (`_swiglu_tiled`).
     """
     n, k = ids.shape
     e = w_gate.shape[0]
@@ -71,7 +110,8 @@ def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down):
     here = (flat >= 0) & (flat < e)
     order = jnp.argsort(jnp.where(here, flat, e), stable=True)  # token copies grouped by expert
     group_sizes = jnp.bincount(jnp.where(here, flat, e), length=e).astype(jnp.int32)
-    ys = _swiglu_ragged(x[order // k], w_gate, w_up, w_down, group_sizes)  # (N*K, D)
+    swiglu = _swiglu_tiled if impl == "tiled" else _swiglu_ragged
+    ys = swiglu(x[order // k], w_gate, w_up, w_down, group_sizes)  # (N*K, D)
     ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
     weights = jnp.where(here.reshape(n, k), weights, 0.0)
     return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype)), jnp.zeros((), jnp.float32)
@@ -94,7 +134,7 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def dispatch_expert_parallel(x, ids, weights, w_gate, w_up, w_down, mesh, specs):
+def dispatch_expert_parallel(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
     """Dropless expert parallelism with explicit collectives (shard_map), same result as dispatch_ragged.
 
     Each expert-axis shard holds E/ep experts. It all-gathers the token copies of its
@@ -114,7 +154,8 @@ def dispatch_expert_parallel(x, ids, weights, w_gate, w_up, w_down, mesh, specs)
             w_down = jax.lax.all_gather(w_down, axis, axis=2, tiled=True)
         gather = lambda a: jax.lax.all_gather(a, "expert", axis=0, tiled=True)  # noqa: E731
         first_expert = jax.lax.axis_index("expert") * w_gate.shape[0]
-        y, _ = dispatch_ragged(gather(x), gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down)
+        y, _ = dispatch_ragged(gather(x), gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down,
+                               impl)
         y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)  # (N/ep, D) of own tokens
         tensor = _axes(w_in[2])
         return jax.lax.psum(y, tensor) if tensor else y
@@ -173,9 +214,10 @@ class MoE(nnx.Module):
         use_ep = cfg.expert_parallel == "shard_map" and not mesh.empty
         ep_specs = expert_parallel_specs(xf.shape[0], experts[0].shape, mesh) if use_ep else None
         if cfg.moe_dispatch == "ragged" and ep_specs is not None:
-            y, dropped = dispatch_expert_parallel(xf, ids, weights, *experts, mesh, ep_specs)
+            y, dropped = dispatch_expert_parallel(xf, ids, weights, *experts, mesh, ep_specs,
+                                                  grouped_matmul_impl(cfg))
         elif cfg.moe_dispatch == "ragged":
-            y, dropped = dispatch_ragged(xf, ids, weights, *experts)
+            y, dropped = dispatch_ragged(xf, ids, weights, *experts, grouped_matmul_impl(cfg))
         else:
             y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, cfg.capacity_factor)
         if self.shared is not None:

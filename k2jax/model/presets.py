@@ -66,6 +66,9 @@ PRESETS: dict[str, ModelConfig] = {
     # Default training run: a few minutes on a 2-core CPU.
     "small": k2_family(d_model=128, num_layers=4, num_heads=4, sparsity=8, experts_per_token=2,
                        vocab_size=320),
+    # Between the two: a CPU benchmark size, or quick single-GPU iterations.
+    "medium": k2_family(d_model=512, num_layers=8, num_heads=8, sparsity=8, experts_per_token=8,
+                        vocab_size=32768),
     # One GPU: about 1B activated parameters with a 32k vocabulary.
     "base": k2_family(d_model=2048, num_layers=16, num_heads=16, sparsity=8, experts_per_token=8,
                       vocab_size=32768, remat="dots"),
