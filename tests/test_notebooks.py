@@ -12,7 +12,8 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "colab").glob("*.ipynb"))
 EXPECTED = {
     "01_quick_start.ipynb": ["restored step 8", "checkpoints on disk: [4, 8]", "resumed from step 8 to 12"],
     "02_muonclip.ipynb": ["clipped heads: 2", "wkv_a  unchanged", "wq     changed in heads [0, 2]", "MuonClip tau=15"],
-    "03_moe_sparsity.ipynb": ["ragged_dot vs loop: max |diff| = ", "[3/3] num_experts=16: eval loss",
+    "03_moe_sparsity.ipynb": ["ragged_dot vs loop: max |diff| = ", "tiled vs loop:      max |diff| = ",
+                              "[3/3] num_experts=16: eval loss",
                               "16 experts need"],
     "04_scaling_out.ipynb": ["8 devices", "mesh: {'data': 2, 'fsdp': 2, 'expert': 2, 'tensor': 1}",
                              "8 steps on mesh"],
