@@ -79,14 +79,16 @@ def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int = TILE_ROWS):
     group = jnp.searchsorted(group_end, row, side="right")  # (M,), e for rows past every group
     in_group = group < e
     group = jnp.minimum(group, e - 1)
+    # (M,) padded position of each row; rows past every group point past the end and are dropped
     dest = jnp.where(in_group, padded_start[group] + row - (group_end - group_sizes)[group], num_tiles * tile)
     x_tiles = jnp.zeros((num_tiles * tile, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
-    x_tiles = x_tiles.reshape(num_tiles, tile, -1)
-    tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile, side="right"), e - 1)
-    h = jax.nn.silu(jnp.einsum("tmd,tdf->tmf", x_tiles, gate[tile_group]))
+    x_tiles = x_tiles.reshape(num_tiles, tile, -1)  # (T, tile, D)
+    tile_start = jnp.arange(num_tiles) * tile
+    tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), tile_start, side="right"), e - 1)  # (T,)
+    h = jax.nn.silu(jnp.einsum("tmd,tdf->tmf", x_tiles, gate[tile_group]))  # (T, tile, F)
     h = h * jnp.einsum("tmd,tdf->tmf", x_tiles, up[tile_group])
-    y = jnp.einsum("tmf,tfd->tmd", h, down[tile_group]).reshape(num_tiles * tile, -1)
-    return jnp.where(in_group[:, None], y.at[dest].get(mode="fill", fill_value=0), 0)
+    y = jnp.einsum("tmf,tfd->tmd", h, down[tile_group]).reshape(num_tiles * tile, -1)  # (T * tile, D)
+    return jnp.where(in_group[:, None], y.at[dest].get(mode="fill", fill_value=0), 0)  # (M, D)
 
 
 def grouped_matmul_impl(cfg: ModelConfig) -> str:
