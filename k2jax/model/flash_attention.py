@@ -125,8 +125,6 @@ def _specs(t, h, g, dqk, dv, block):
         v_all=pl.BlockSpec((None, t, None, dv), lambda i, b, hh: (b, 0, hh // r, 0)),
         k_block=pl.BlockSpec((None, block, None, dqk), lambda i, b, hh: (b, i, hh // r, 0)),
         v_block=pl.BlockSpec((None, block, None, dv), lambda i, b, hh: (b, i, hh // r, 0)),
-        dk_block=pl.BlockSpec((None, block, None, dqk), lambda i, b, hh: (b, i, hh, 0)),
-        dv_block=pl.BlockSpec((None, block, None, dv), lambda i, b, hh: (b, i, hh, 0)),
         seg_block=pl.BlockSpec((None, block), lambda i, b, hh: (b, i)),
         seg_all=pl.BlockSpec((None, t), lambda i, b, hh: (b, 0)),
         row_block=pl.BlockSpec((None, None, block), lambda i, b, hh: (b, hh, i)),  # (B, H, T) statistics
@@ -173,7 +171,7 @@ def _flash_bwd(scale, block_q, block_k, interpret, residuals, cotangents):
         grid=(t // block_k, b, h),
         in_specs=[sk["q_all"], sk["k_block"], sk["v_block"], sk["seg_all"], sk["seg_block"], sk["do_all"],
                   sk["row_all"], sk["row_all"]],
-        out_specs=[sk["dk_block"], sk["dv_block"]],
+        out_specs=[sk["q_block"], sk["o_block"]],  # per query head: (B, T, H, Dqk), (B, T, H, Dv)
         out_shape=[jax.ShapeDtypeStruct((b, t, h, dqk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype)],
         interpret=interpret,
     )(*operands)

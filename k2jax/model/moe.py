@@ -110,8 +110,9 @@ def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down, impl: str = "ragged_d
     e = w_gate.shape[0]
     flat = ids.reshape(-1)
     here = (flat >= 0) & (flat < e)
-    order = jnp.argsort(jnp.where(here, flat, e), stable=True)  # token copies grouped by expert
-    group_sizes = jnp.bincount(jnp.where(here, flat, e), length=e).astype(jnp.int32)
+    expert = jnp.where(here, flat, e)  # copies for experts held elsewhere sort last
+    order = jnp.argsort(expert, stable=True)  # token copies grouped by expert
+    group_sizes = jnp.bincount(expert, length=e).astype(jnp.int32)
     swiglu = _swiglu_tiled if impl == "tiled" else _swiglu_ragged
     ys = swiglu(x[order // k], w_gate, w_up, w_down, group_sizes)  # (N*K, D)
     ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
@@ -212,8 +213,8 @@ class MoE(nnx.Module):
         weights = weights * vf[:, None]
         cdt = dtype_of(cfg.compute_dtype)
         experts = (self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
-        mesh = jax.sharding.get_abstract_mesh()  # set by the train/eval step around its trace
-        use_ep = cfg.expert_parallel == "shard_map" and not mesh.empty
+        mesh = jax.sharding.get_abstract_mesh()  # set by the train/eval step around its trace (else empty)
+        use_ep = cfg.expert_parallel == "shard_map"
         ep_specs = expert_parallel_specs(xf.shape[0], experts[0].shape, mesh) if use_ep else None
         if cfg.moe_dispatch == "ragged" and ep_specs is not None:
             y, dropped = dispatch_expert_parallel(xf, ids, weights, *experts, mesh, ep_specs,

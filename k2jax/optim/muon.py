@@ -43,16 +43,17 @@ def matrix_shape(info: ParamInfo, shape) -> tuple[int, int]:
     return (math.prod(shape[i] for i in info.reduction_axes), math.prod(shape[i] for i in info.output_axes))
 
 
-def newton_schulz_flops(infos, shapes, steps: int = 5) -> float:
+def newton_schulz_flops(infos, shapes, steps: int = 5, use_muon: bool = True) -> float:
     """FLOPs of the Newton-Schulz iterations in one Muon update, summed over every Muon matrix.
 
-    infos: ParamInfo tree; shapes: a matching tree of arrays or ShapeDtypeStructs. Per (A, B)
-    matrix with m = min(A, B), n = max(A, B) (optax iterates in the wide orientation), one
-    step forms X X^T (2 m^2 n FLOPs), A A (2 m^3) and the product with X (2 m^2 n).
+    infos: ParamInfo tree; shapes: a matching tree of arrays or ShapeDtypeStructs; use_muon
+    False (AdamW everywhere) gives 0. Per (A, B) matrix with m = min(A, B), n = max(A, B)
+    (optax iterates in the wide orientation), one step forms X X^T (2 m^2 n FLOPs), A A
+    (2 m^3) and the product with X (2 m^2 n).
     """
     total = 0.0
     for info, x in zip(jax.tree.leaves(infos, is_leaf=_is_info), jax.tree.leaves(shapes)):
-        if rule_of(info) != MUON:
+        if rule_of(info, use_muon) != MUON:
             continue
         a, b = matrix_shape(info, x.shape)
         m, n = min(a, b), max(a, b)

@@ -59,9 +59,9 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2) -> l
         for _ in range(warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
-        uses_muon = run_cfg.optim.name in ("muon", "muonclip")
+        ns_flops = newton_schulz_flops(setup.infos, state["params"], use_muon=run_cfg.optim.name != "adamw")
         runs[name] = {"step": step, "state": state, "batch": batch, "times": [], "compile_s": compile_s,
-                      "cfg": run_cfg, "ns_flops": newton_schulz_flops(setup.infos, state["params"]) if uses_muon else 0.0}
+                      "cfg": run_cfg, "ns_flops": ns_flops}
     for _ in range(steps):  # round-robin: every variant sees the same load
         for run in runs.values():
             started = time.perf_counter()
@@ -81,7 +81,7 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2) -> l
                      "mfu": flops_lib.mfu(tokens / step_s, per_token["total"], jax.device_count(), peak) if peak else None,
                      "compile_s": run["compile_s"], "ratio": first / step_s,
                      "newton_schulz_flops": run["ns_flops"], "model_flops_per_step": per_token["total"] * tokens})
-    rows[-1]["peak_memory_bytes"] = _peak_memory_bytes()  # the process's peak over all three
+    rows[-1]["peak_memory_bytes"] = _peak_memory_bytes()  # the process's peak over all variants
     return rows
 
 
