@@ -16,6 +16,7 @@ from k2jax.config import ModelConfig
 from k2jax.model.flash_attention import MIN_BLOCK, flash_attend
 from k2jax.model.layers import RMSNorm, dtype_of, make_param
 from k2jax.model.rope import apply_rope, softmax_scale
+from k2jax.platform import target_platform
 
 NEG_INF = -1e30  # finite, so fully masked (padding) rows never produce NaN
 
@@ -84,7 +85,7 @@ class Attention(nnx.Module):
     def _use_flash(self, seq_len):
         impl = self.cfg.attention_impl
         if impl == "auto":  # e.g. sampling at odd lengths falls back to the plain path
-            return jax.default_backend() == "gpu" and seq_len % MIN_BLOCK == 0
+            return target_platform() == "gpu" and seq_len % MIN_BLOCK == 0
         return impl == "flash"
 
     def _w(self, name):

@@ -24,9 +24,19 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from k2jax.platform import target_platform
 
 NEG_INF = -1e30
 MIN_BLOCK = 16  # smallest tile Triton's matmuls take
+WIDE_HEAD = 128  # padded head dims above this (MLA's 192 -> 256) get 64-row tiles, to stay in registers
+
+
+def _triton_params(dqk, dv):
+    """Triton launch settings, named explicitly: without them JAX 0.10 lowers pallas_call through
+    Mosaic GPU, which rejects these kernels. Warps as the library's GPU attention picks them."""
+    return plt.CompilerParams(num_warps=4 if max(dqk, dv) <= 64 else 8, num_stages=2)
 
 
 def _block_mask(seg_q, seg_k, q_start, k_start):
@@ -143,7 +153,7 @@ def _forward(q, k, v, segment_ids, scale, block_q, block_k, interpret):
         in_specs=[sp["q_block"], sp["k_all"], sp["v_all"], sp["seg_block"], sp["seg_all"]],
         out_specs=[sp["o_block"], sp["row_block"], sp["row_block"]],
         out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), q.dtype), rows, rows],
-        interpret=interpret,
+        interpret=interpret, compiler_params=_triton_params(dqk, dv),
     )(q, k, v, segment_ids, segment_ids)
 
 
@@ -173,7 +183,7 @@ def _flash_bwd(scale, block_q, block_k, interpret, residuals, cotangents):
                   sk["row_all"], sk["row_all"]],
         out_specs=[sk["q_block"], sk["o_block"]],  # per query head: (B, T, H, Dqk), (B, T, H, Dv)
         out_shape=[jax.ShapeDtypeStruct((b, t, h, dqk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype)],
-        interpret=interpret,
+        interpret=interpret, compiler_params=_triton_params(dqk, dv),
     )(*operands)
     sq = _specs(t, h, g, dqk, dv, block_q)
     dq = pl.pallas_call(
@@ -183,7 +193,7 @@ def _flash_bwd(scale, block_q, block_k, interpret, residuals, cotangents):
                   sq["row_block"], sq["row_block"]],
         out_specs=sq["q_block"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=interpret,
+        interpret=interpret, compiler_params=_triton_params(dqk, dv),
     )(*operands)
     # Per-query-head key/value gradients summed over each GQA group: (B, S, H, D) -> (B, S, G, D).
     dk = dk.reshape(b, t, g, h // g, dqk).sum(3, dtype=jnp.float32).astype(k.dtype)
@@ -215,7 +225,7 @@ def flash_attend(q, k, v, segment_ids, scale, *, block_q=128, block_k=128, inter
     (Triton tiles); on GPU they must stay >= 16.
     """
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = target_platform() != "gpu"
     b, t, h, dqk = q.shape
     if k.shape[1] != t:
         raise ValueError(f"flash attention is self-attention: q has {t} positions, k has {k.shape[1]}")
@@ -225,6 +235,8 @@ def flash_attend(q, k, v, segment_ids, scale, *, block_q=128, block_k=128, inter
                          f"got {t} (use model.attention_impl: plain or auto)")
     dv = v.shape[-1]
     d_pad, v_pad = pl.next_power_of_2(dqk), pl.next_power_of_2(dv)
+    if max(d_pad, v_pad) > WIDE_HEAD:
+        block_q, block_k = min(block_q, 64), min(block_k, 64)
     out, row_max = _flash(_pad_last(q, d_pad), _pad_last(k, d_pad), _pad_last(v, v_pad),
                           segment_ids.astype(jnp.int32), float(scale), block_q, block_k, bool(interpret))
     max_logits = jnp.max(row_max, axis=(0, 2))  # (B, H, T) -> (H,)

@@ -20,6 +20,7 @@ from flax import nnx
 from k2jax.config import ModelConfig
 from k2jax.model.layers import SwiGLU, dtype_of, make_param
 from k2jax.parallel.sharding import logical_spec
+from k2jax.platform import target_platform
 
 
 TILE_ROWS = 64  # rows per tile of the tiled grouped matmul
@@ -96,7 +97,7 @@ def grouped_matmul_impl(cfg: ModelConfig) -> str:
     is lowered densely over all experts; XLA's ragged dot on GPU and TPU)."""
     if cfg.grouped_matmul != "auto":
         return cfg.grouped_matmul
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    return "tiled" if target_platform() == "cpu" else "ragged_dot"
 
 
 def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down, impl: str = "ragged_dot"):
