@@ -68,8 +68,9 @@ class ModelConfig:
     v_head_dim: int = 32
     rope_theta: float = 10000.0
     yarn: Optional[YarnConfig] = None
-    # "plain" materialises the logits (reference, CPU); "flash" is the Pallas kernel (GPU; interpreted
-    # elsewhere, slowly); "auto" = flash on GPU when the sequence tiles into 16-position blocks, else plain.
+    # "plain" materialises the logits (reference, CPU); "flash" is a Pallas kernel (ours in Triton on GPU,
+    # interpreted on CPU, slowly; the library's Mosaic kernel on TPU); "auto" = flash on GPU when the
+    # sequence tiles into 16-position blocks, on TPU into 128-position blocks, else plain.
     attention_impl: Literal["auto", "plain", "flash"] = "auto"
 
     # MoE (used by layers after the first num_dense_layers).

@@ -112,3 +112,44 @@ def test_model_trains_the_same_with_either_attention():
     np.testing.assert_allclose(float(flash[0]), float(plain[0]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(flash[1:]), jax.tree.leaves(plain[1:])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_tpu_flash_matches_plain_in_tpu_interpret_mode():
+    """The library's Mosaic kernel with our residual plumbing, run in TPU interpret mode (TPU memory
+    simulated on CPU): outputs, max logits and gradients of GQA with MLA-like head dims (24/16,
+    padded to one width), packed documents and padding, at T = 256 (two 128-position tiles)."""
+    import jax.experimental.pallas.tpu as pltpu
+
+    from k2jax.model.flash_attention_tpu import flash_attend_tpu
+
+    t = 256
+    _, seg = packed_layout([[100, 100], [t]], t)  # row 0 ends in 56 padding positions
+    seg = jnp.asarray(seg)
+    kq, kk, kv, kw = jax.random.split(jax.random.key(3), 4)
+    q = 2.0 * jax.random.normal(kq, (2, t, 4, 24))
+    k = 2.0 * jax.random.normal(kk, (2, t, 2, 24))
+    v = jax.random.normal(kv, (2, t, 2, 16))
+    weights = jax.random.normal(kw, (2, t, 4, 16))
+
+    def plain(q, k, v):
+        return attend(q, k, v, attention_mask(seg), 0.3)
+
+    def tpu(q, k, v):
+        return flash_attend_tpu(q, k, v, seg, 0.3)
+
+    def loss(fn):
+        return lambda *qkv: jnp.sum(fn(*qkv)[0] * weights)
+
+    with pltpu.force_tpu_interpret_mode():
+        o, m = jax.jit(tpu)(q, k, v)
+        g = jax.jit(jax.grad(loss(tpu), argnums=(0, 1, 2)))(q, k, v)
+    o_ref, m_ref = plain(q, k, v)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(m), np.asarray(m_ref), rtol=1e-6)
+    assert np.all(np.asarray(o)[0, 200:] == 0)  # padding rows attend nowhere
+    g_ref = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", g, g_ref):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        flash_attend_tpu(q[:, :200], k[:, :200], v[:, :200], seg[:, :200], 0.3)

@@ -21,6 +21,7 @@ from k2jax.train.step import init_train_state, make_train_step
 from test_train import TINY
 
 TRITON = "__gpu$xla.gpu.triton"
+MOSAIC = "tpu_custom_call"
 
 
 def _custom_calls(lowered) -> collections.Counter:
@@ -48,7 +49,7 @@ def test_flash_forward_and_backward_lower_to_triton(dims):
 
 @pytest.fixture(scope="module")
 def tiny_mla_run():
-    cfg = load_config(TINY, ["model.attention=mla"])
+    cfg = load_config(TINY, ["model.attention=mla", "data.seq_len=128", "train.batch_size=4"])
     setup, state = init_train_state(cfg)
     return cfg, setup, state
 
@@ -56,15 +57,16 @@ def tiny_mla_run():
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_whole_train_step_lowers_for_accelerators(tiny_mla_run, platform):
     """The tiny MLA MoE's MuonClip train step with the default kernel choices: flash attention
-    (3 Triton kernels per attention stack) and XLA's ragged dot for the experts on GPU, the
-    plain attention and ragged dot on TPU; the CPU's tiled grouped matmul on neither."""
+    (3 kernels per attention stack: Triton on GPU, Mosaic on TPU) and XLA's ragged dot for the
+    experts; the CPU's tiled grouped matmul on neither. T = 128: one TPU tile."""
     cfg, setup, state = tiny_mla_run
     step = make_train_step(cfg, setup)  # a new jit: its trace cache does not know the platform
     with lowering_for(platform):
         assert target_platform() == ("gpu" if platform == "cuda" else "tpu")
         lowered = step.trace(state, _random_batch(cfg)).lower(lowering_platforms=(platform,))
     text = lowered.as_text()
-    assert _custom_calls(lowered)[TRITON] == (6 if platform == "cuda" else 0)  # dense + MoE stacks
+    calls = _custom_calls(lowered)  # dense + MoE stacks: forward, dK/dV and dQ kernels each
+    assert (calls[TRITON], calls[MOSAIC]) == ((6, 0) if platform == "cuda" else (0, 6)), calls
     assert "ragged_dot" in text
     assert target_platform() == jax.default_backend()  # the block restores the host's platform
 

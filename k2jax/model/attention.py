@@ -3,7 +3,8 @@
 The statistic QK-Clip needs, S_h = max over the batch and all unmasked
 (query, key) pairs of the scaled pre-softmax logit, is read off the logits the
 plain path materialises anyway, or off the running row maximum of the flash
-kernel (`flash_attention.py`), so it costs one reduction, not a second pass.
+kernels (`flash_attention.py` on GPU, `flash_attention_tpu.py` on TPU), so it costs one
+reduction, not a second pass.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from flax import nnx
 
 from k2jax.config import ModelConfig
 from k2jax.model.flash_attention import MIN_BLOCK, flash_attend
+from k2jax.model.flash_attention_tpu import BLOCK as TPU_BLOCK
+from k2jax.model.flash_attention_tpu import flash_attend_tpu
 from k2jax.model.layers import RMSNorm, dtype_of, make_param
 from k2jax.model.rope import apply_rope, softmax_scale
 from k2jax.platform import target_platform
@@ -82,11 +85,16 @@ class Attention(nnx.Module):
         self.wo = make_param(rngs, (h, dv, d), cfg, axes=("heads", "head_dim", "embed"),
                              in_axes=("heads", "head_dim"))
 
-    def _use_flash(self, seq_len):
-        impl = self.cfg.attention_impl
-        if impl == "auto":  # e.g. sampling at odd lengths falls back to the plain path
-            return target_platform() == "gpu" and seq_len % MIN_BLOCK == 0
-        return impl == "flash"
+    def _fused_kernel(self, seq_len):
+        """The fused attention for this platform (Triton on GPU, the library's Mosaic kernel on TPU,
+        the Triton kernel interpreted elsewhere), or None for the plain path."""
+        impl, platform = self.cfg.attention_impl, target_platform()
+        if impl == "plain":
+            return None
+        kernel, block = (flash_attend_tpu, TPU_BLOCK) if platform == "tpu" else (flash_attend, MIN_BLOCK)
+        if impl == "auto" and (platform not in ("gpu", "tpu") or seq_len % block):
+            return None  # e.g. sampling at odd lengths falls back to the plain path
+        return kernel
 
     def _w(self, name):
         return getattr(self, name)[...].astype(dtype_of(self.cfg.compute_dtype))
@@ -115,8 +123,9 @@ class Attention(nnx.Module):
             q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self._w("wq")), cos, sin)
             k = apply_rope(jnp.einsum("btd,dgk->btgk", x, self._w("wk")), cos, sin)
             v = jnp.einsum("btd,dgk->btgk", x, self._w("wv"))
-        if self._use_flash(x.shape[1]):
-            out, max_logits = flash_attend(q, k, v, segment_ids, self.scale)
+        fused = self._fused_kernel(x.shape[1])
+        if fused is not None:
+            out, max_logits = fused(q, k, v, segment_ids, self.scale)
         else:
             out, max_logits = attend(q, k, v, attention_mask(segment_ids), self.scale)
         return jnp.einsum("bthd,hde->bte", out, self._w("wo")), max_logits
