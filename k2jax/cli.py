@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="experiment YAML or a model preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--compare", metavar="KEY=V1,V2,...", help="time these values of one config key "
-                   "(e.g. model.expert_parallel=shard_map,gspmd) instead of the three optimizers")
+                   "(e.g. model.expert_parallel=all_gather,gspmd) instead of the three optimizers")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.set_defaults(fn=cmd_bench)

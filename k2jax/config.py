@@ -88,9 +88,14 @@ class ModelConfig:
     bias_update_rate: float = 1e-3  # aux-loss-free balancing bias step (sigmoid_bias)
     moe_dispatch: Literal["ragged", "capacity"] = "ragged"
     capacity_factor: float = 1.25
-    # Ragged dispatch on a mesh with experts sharded over its expert axis: explicit
-    # all-gather / reduce-scatter under shard_map, or left to GSPMD (slower; for comparison).
-    expert_parallel: Literal["shard_map", "gspmd"] = "shard_map"
+    # Ragged dispatch on a mesh with experts sharded over its expert axis, under shard_map:
+    # all-gather the group's tokens + reduce-scatter (exact), or send each token copy to its
+    # expert's shard and back (ragged all-to-all: ep/K times fewer bytes when ep > K); or left
+    # to GSPMD (slower; for comparison). See k2jax/model/expert_parallel.py.
+    expert_parallel: Literal["all_gather", "all_to_all", "gspmd"] = "all_gather"
+    # all_to_all receive buffer, in multiples of a shard's balanced inflow (tokens x K); copies
+    # past a full buffer are dropped (dropped_fraction). 0: the worst case, never drops.
+    expert_buffer_factor: float = 0.0
     # Grouped matmul of the ragged dispatch: jax.lax.ragged_dot, or batched matmuls over
     # expert-pure row tiles (k2jax's own; "auto" uses it on CPU, where ragged_dot is dense).
     grouped_matmul: Literal["auto", "ragged_dot", "tiled"] = "auto"
@@ -148,6 +153,7 @@ class ModelConfig:
                      f"{self.experts_per_token} experts cannot be chosen from {self.top_groups} groups "
                      f"of {per_group}")
             _require(self.capacity_factor > 0, "model.capacity_factor", "must be positive")
+            _require(self.expert_buffer_factor >= 0, "model.expert_buffer_factor", "must be >= 0 (0: never drop)")
         _require(self.rms_eps > 0, "model.rms_eps", "must be positive")
 
     @property

@@ -100,7 +100,7 @@ def test_dispatch_matches_naive_loop(dispatch, grouped_matmul, groups):
 @pytest.mark.parametrize("group_sizes", [[50, 0, 100, 70, 1, 79], [0] * 6, [300, 0, 0, 0, 0, 0], [10, 20, 0, 5, 99, 3]])
 def test_tiled_grouped_matmul_equals_ragged_dot(group_sizes):
     """Empty groups, one full group, and rows past every group (sum 137 < 300: they come back zero)."""
-    from k2jax.model.moe import _swiglu_ragged, _swiglu_tiled
+    from k2jax.model.grouped import _swiglu_ragged, _swiglu_tiled
 
     keys = jax.random.split(jax.random.key(0), 4)
     args = (jax.random.normal(keys[0], (300, 16)), jax.random.normal(keys[1], (6, 16, 8)),

@@ -50,6 +50,7 @@ SCRIPT = textwrap.dedent("""
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
+    import dataclasses
     import tempfile
     import jax, jax.numpy as jnp, numpy as np
     from k2jax.config import ConfigError, MeshConfig, load_config
@@ -77,10 +78,13 @@ TRAIN_SCRIPT = textwrap.dedent("""
         moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim >= 2]
         assert moments and all(x.sharding.spec == specs[x.shape] for x in moments), name
 
+    # the tensor-split mesh exchanges token copies by all-to-all, the others by all-gather
+    a2a = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, expert_parallel="all_to_all"))
     losses, runs = {}, {}
     for name, mesh in meshes.items():
-        setup, state = init_train_state(cfg, mesh)
-        step = make_train_step(cfg, setup)
+        run_cfg = a2a if "tensor" in name else cfg
+        setup, state = init_train_state(run_cfg, mesh)
+        step = make_train_step(run_cfg, setup)
         losses[name] = []
         for _ in range(2):
             state, metrics = step(state, batch)
@@ -117,20 +121,27 @@ TRAIN_SCRIPT = textwrap.dedent("""
 EXPERT_PARALLEL_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from k2jax.config import MeshConfig
-    from k2jax.model.moe import dispatch_expert_parallel, dispatch_ragged, expert_parallel_specs
+    from k2jax.model.expert_parallel import (buffer_rows, dispatch_all_gather, dispatch_all_to_all,
+                                             expert_parallel_specs)
+    from k2jax.model.grouped import dispatch_ragged
     from k2jax.parallel.sharding import make_mesh
 
     n, d, f, e, k = 64, 16, 8, 8, 3
     keys = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(keys[0], (n, d))
     ids = jax.vmap(lambda kk: jax.random.permutation(kk, e)[:k])(jax.random.split(keys[1], n)).astype(jnp.int32)
+    ids = ids.at[:8].set(jnp.asarray([0, 1, 2]))  # the first shard's tokens crowd the first experts
     weights = jax.random.uniform(keys[2], (n, k))
     experts = (jax.random.normal(keys[3], (e, d, f)), jax.random.normal(keys[4], (e, d, f)),
                jax.random.normal(keys[5], (e, f, d)))
     probe = jax.random.normal(jax.random.key(7), (n, d))
 
-    def loss(dispatch):
+    def loss(dispatch, ids=ids):
         return lambda x, w, *ex: jnp.sum(dispatch(x, ids, w, *ex)[0] * probe)
+
+    def check(got, ref, label):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4, err_msg=label)
 
     grad_args = (0, 1, 2, 3, 4)
     ref = jax.value_and_grad(loss(dispatch_ragged), argnums=grad_args)(x, weights, *experts)
@@ -138,12 +149,36 @@ EXPERT_PARALLEL_SCRIPT = textwrap.dedent("""
         mesh = make_mesh(MeshConfig(**axes))
         specs = expert_parallel_specs(n, (e, d, f), mesh)
         assert specs is not None and specs[1][0] == "expert", (axes, specs)
-        ep = lambda *a: dispatch_expert_parallel(*a, mesh=mesh, specs=specs)  # noqa: E731
-        got = jax.jit(jax.value_and_grad(loss(ep), argnums=grad_args))(x, weights, *experts)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4, err_msg=str(axes))
-        hlo = jax.jit(jax.grad(loss(ep), argnums=grad_args)).lower(x, weights, *experts).compile().as_text()
-        assert "reduce-scatter" in hlo and "all-gather" in hlo, axes
+        for name, dispatch, collective in [("all_gather", dispatch_all_gather, "reduce-scatter"),
+                                           ("all_to_all", dispatch_all_to_all, "all-to-all")]:
+            ep = lambda *a: dispatch(*a, mesh=mesh, specs=specs)  # noqa: E731
+            step = jax.jit(jax.value_and_grad(loss(ep), argnums=grad_args)).lower(x, weights, *experts).compile()
+            check(step(x, weights, *experts), ref, f"{name} {axes}")
+            assert collective in step.as_text() and "all-gather" in step.as_text(), (name, axes)
+
+    # a receive buffer of 1x the balanced inflow (24 rows) on 8 expert shards, one expert each:
+    # the crowded experts overflow, and each shard keeps the first 24 copies in token order
+    mesh = make_mesh(MeshConfig(data=1, expert=8))
+    specs = expert_parallel_specs(n, (e, d, f), mesh)
+    assert buffer_rows(n // 8, k, 8, 1.0) == 24 and buffer_rows(n // 8, k, 8, 0.0) == 8 * 24
+    y, dropped = jax.jit(lambda *a: dispatch_all_to_all(*a, mesh=mesh, specs=specs, buffer_factor=1.0))(
+        x, ids, weights, *experts)
+    flat = np.asarray(ids).ravel()
+    rank = np.array([np.sum(flat[:i] == flat[i]) for i in range(flat.size)])  # earlier copies, same expert
+    assert (rank >= 24).any()
+    np.testing.assert_allclose(float(dropped), (rank >= 24).mean(), rtol=1e-6)
+    kept_ids = jnp.asarray(np.where(rank < 24, flat, -1).reshape(n, k))  # -1: no expert here
+    check(y, dispatch_ragged(x, kept_ids, weights, *experts)[0], "buffer 1x")
+
+    # on GPU and TPU the exchange is XLA's ragged all-to-all, forward and backward
+    from k2jax.platform import lowering_for
+    for platform in ("cuda", "tpu"):
+        ep = lambda *a: dispatch_all_to_all(*a, mesh=mesh, specs=specs)  # noqa: E731
+        with lowering_for(platform):
+            text = jax.jit(jax.grad(loss(ep), argnums=grad_args)).trace(x, weights, *experts).lower(
+                lowering_platforms=(platform,)).as_text()
+        assert text.count("@ragged_all_to_all") == 4, (platform, text.count("@ragged_all_to_all"))
+
     # no expert axis, or experts that do not split over it: the caller keeps the one-device path
     assert expert_parallel_specs(n, (e, d, f), make_mesh(MeshConfig(data=2, fsdp=4))) is None
     assert expert_parallel_specs(n, (6, d, f), make_mesh(MeshConfig(data=1, expert=8))) is None

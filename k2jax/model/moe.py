@@ -1,8 +1,9 @@
 """Mixture-of-Experts FFN: DeepSeek-V3 routing, dropless ragged dispatch, capacity dispatch.
 
 Routing is a pure function (`route`); expert compute either sorts token copies by
-expert and runs jax.lax.ragged_dot (dropless, default; with explicit all-gather /
-reduce-scatter over the mesh's expert axis when the experts are sharded) or packs them into
+expert and runs a grouped matmul (`grouped.py`; dropless, default; with explicit
+collectives over the mesh's expert axis when the experts are sharded:
+`expert_parallel.py`) or packs them into
 fixed-capacity (E, C, D) buffers with one-hot einsums (the GSPMD expert-parallel
 form, which drops overflow). The aux-loss-free balancing bias lives in a
 RouterBias variable that the optimizer never sees; `update_router_bias` is the
@@ -19,11 +20,8 @@ from flax import nnx
 
 from k2jax.config import ModelConfig
 from k2jax.model.layers import SwiGLU, dtype_of, make_param
-from k2jax.parallel.sharding import logical_spec
-from k2jax.platform import target_platform
-
-
-TILE_ROWS = 64  # rows per tile of the tiled grouped matmul
+from k2jax.model.expert_parallel import dispatch_all_gather, dispatch_all_to_all, expert_parallel_specs
+from k2jax.model.grouped import dispatch_ragged, grouped_matmul_impl
 
 
 class RouterBias(nnx.Variable):
@@ -56,117 +54,6 @@ def update_router_bias(bias, expert_counts, rate):
     """bias (..., E) + rate * sign(mean load - load): overloaded experts become less likely."""
     mean = jnp.mean(expert_counts, axis=-1, keepdims=True)
     return bias + rate * jnp.sign(mean - expert_counts).astype(bias.dtype)
-
-
-def _swiglu_ragged(xs, gate, up, down, group_sizes):
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
-    return jax.lax.ragged_dot(h, down, group_sizes)
-
-
-def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int = TILE_ROWS):
-    """The expert SwiGLU on rows sorted by expert, as batched matmuls over fixed-size tiles.
-
-    xs (M, D) sorted by group, group_sizes (E,) with sum <= M (later rows belong to no expert
-    and come back zero). Each group is padded to whole tiles of `tile` rows, so every tile
-    belongs to one expert and its weights are gathered per tile: (M + E * tile) rows of work
-    instead of the E * M that jax.lax.ragged_dot's dense fallback (CPU) computes.
-    """
-    m, e = xs.shape[0], gate.shape[0]
-    num_tiles = -(-m // tile) + e  # static bound: each group wastes less than one tile
-    padded = -(-group_sizes // tile) * tile  # (E,)
-    padded_start = jnp.cumsum(padded) - padded
-    group_end = jnp.cumsum(group_sizes)
-    row = jnp.arange(m)
-    group = jnp.searchsorted(group_end, row, side="right")  # (M,), e for rows past every group
-    in_group = group < e
-    group = jnp.minimum(group, e - 1)
-    # (M,) padded position of each row; rows past every group point past the end and are dropped
-    dest = jnp.where(in_group, padded_start[group] + row - (group_end - group_sizes)[group], num_tiles * tile)
-    x_tiles = jnp.zeros((num_tiles * tile, xs.shape[1]), xs.dtype).at[dest].set(xs, mode="drop")
-    x_tiles = x_tiles.reshape(num_tiles, tile, -1)  # (T, tile, D)
-    tile_start = jnp.arange(num_tiles) * tile
-    tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), tile_start, side="right"), e - 1)  # (T,)
-    h = jax.nn.silu(jnp.einsum("tmd,tdf->tmf", x_tiles, gate[tile_group]))  # (T, tile, F)
-    h = h * jnp.einsum("tmd,tdf->tmf", x_tiles, up[tile_group])
-    y = jnp.einsum("tmf,tfd->tmd", h, down[tile_group]).reshape(num_tiles * tile, -1)  # (T * tile, D)
-    return jnp.where(in_group[:, None], y.at[dest].get(mode="fill", fill_value=0), 0)  # (M, D)
-
-
-def grouped_matmul_impl(cfg: ModelConfig) -> str:
-    """"ragged_dot" or "tiled" for cfg.grouped_matmul ("auto": tiled on CPU, where ragged_dot
-    is lowered densely over all experts; XLA's ragged dot on GPU and TPU)."""
-    if cfg.grouped_matmul != "auto":
-        return cfg.grouped_matmul
-    return "tiled" if target_platform() == "cpu" else "ragged_dot"
-
-
-def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down, impl: str = "ragged_dot"):
-    """Dropless: x (N, D), ids/weights (N, K), expert weights (E, D, F)/(E, F, D) -> (N, D).
-
-    Ids outside [0, E) are token copies meant for experts held elsewhere: they sort
-    last, fall outside every group (their rows come back zero) and add nothing.
-    impl: "ragged_dot" (jax.lax.ragged_dot) or "tiled" (`_swiglu_tiled`).
-    """
-    n, k = ids.shape
-    e = w_gate.shape[0]
-    flat = ids.reshape(-1)
-    here = (flat >= 0) & (flat < e)
-    expert = jnp.where(here, flat, e)  # copies for experts held elsewhere sort last
-    order = jnp.argsort(expert, stable=True)  # token copies grouped by expert
-    group_sizes = jnp.bincount(expert, length=e).astype(jnp.int32)
-    swiglu = _swiglu_tiled if impl == "tiled" else _swiglu_ragged
-    ys = swiglu(x[order // k], w_gate, w_up, w_down, group_sizes)  # (N*K, D)
-    ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-    weights = jnp.where(here.reshape(n, k), weights, 0.0)
-    return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype)), jnp.zeros((), jnp.float32)
-
-
-def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mesh):
-    """Token and expert-weight PartitionSpecs for `dispatch_expert_parallel`, or None when
-    the mesh does not split both the tokens and the experts over its expert axis."""
-    if "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
-        return None
-    tokens = logical_spec(("batch", "norm"), (n_tokens, 1), mesh)
-    w_in = logical_spec(("experts", "embed", "expert_mlp"), expert_shape, mesh)
-    if "expert" not in _axes(tokens[0]) or w_in[0] != "expert":
-        return None
-    w_out = logical_spec(("experts", "expert_mlp", "embed"), expert_shape[:1] + expert_shape[:0:-1], mesh)
-    return tokens, w_in, w_out
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def dispatch_expert_parallel(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
-    """Dropless expert parallelism with explicit collectives (shard_map), same result as dispatch_ragged.
-
-    Each expert-axis shard holds E/ep experts. It all-gathers the token copies of its
-    expert-axis group (x, ids, weights: (N/ep, ...) -> (N, ...)), runs its own experts on
-    the copies routed to them, and a reduce-scatter returns every token's sum to the shard
-    that owns it. FSDP shards of the expert weights are all-gathered inside (their
-    gradients reduce-scattered by AD); a tensor-split FFN width is summed with psum.
-    """
-    tokens, w_in, w_out = specs
-    token_spec = jax.sharding.PartitionSpec(tokens[0], None)
-
-    def local(x, ids, weights, w_gate, w_up, w_down):
-        for axis in _axes(w_in[1]):  # FSDP: whole d_model rows for this shard's experts
-            w_gate = jax.lax.all_gather(w_gate, axis, axis=1, tiled=True)
-            w_up = jax.lax.all_gather(w_up, axis, axis=1, tiled=True)
-        for axis in _axes(w_out[2]):
-            w_down = jax.lax.all_gather(w_down, axis, axis=2, tiled=True)
-        gather = lambda a: jax.lax.all_gather(a, "expert", axis=0, tiled=True)  # noqa: E731
-        first_expert = jax.lax.axis_index("expert") * w_gate.shape[0]
-        y, _ = dispatch_ragged(gather(x), gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down,
-                               impl)
-        y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)  # (N/ep, D) of own tokens
-        tensor = _axes(w_in[2])
-        return jax.lax.psum(y, tensor) if tensor else y
-
-    y = jax.shard_map(local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w_in, w_in, w_out),
-                      out_specs=token_spec)(x, ids, weights, w_gate, w_up, w_down)
-    return y, jnp.zeros((), jnp.float32)
 
 
 def dispatch_capacity(x, ids, weights, valid, w_gate, w_up, w_down, capacity_factor):
@@ -215,11 +102,13 @@ class MoE(nnx.Module):
         cdt = dtype_of(cfg.compute_dtype)
         experts = (self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
         mesh = jax.sharding.get_abstract_mesh()  # set by the train/eval step around its trace (else empty)
-        use_ep = cfg.expert_parallel == "shard_map"
+        use_ep = cfg.expert_parallel != "gspmd"
         ep_specs = expert_parallel_specs(xf.shape[0], experts[0].shape, mesh) if use_ep else None
-        if cfg.moe_dispatch == "ragged" and ep_specs is not None:
-            y, dropped = dispatch_expert_parallel(xf, ids, weights, *experts, mesh, ep_specs,
-                                                  grouped_matmul_impl(cfg))
+        if cfg.moe_dispatch == "ragged" and ep_specs is not None and cfg.expert_parallel == "all_to_all":
+            y, dropped = dispatch_all_to_all(xf, ids, weights, *experts, mesh, ep_specs, grouped_matmul_impl(cfg),
+                                             cfg.expert_buffer_factor)
+        elif cfg.moe_dispatch == "ragged" and ep_specs is not None:
+            y, dropped = dispatch_all_gather(xf, ids, weights, *experts, mesh, ep_specs, grouped_matmul_impl(cfg))
         elif cfg.moe_dispatch == "ragged":
             y, dropped = dispatch_ragged(xf, ids, weights, *experts, grouped_matmul_impl(cfg))
         else:

@@ -1,0 +1,172 @@
+"""Dropless expert parallelism with explicit collectives under shard_map.
+
+With the experts split over the mesh's `expert` axis (ep shards of E/ep experts), each shard
+runs its own experts on the token copies routed to them, by one of two exchanges:
+
+- `dispatch_all_gather`: all-gather the group's tokens (N/ep -> N rows of D), pick the
+  copies for own experts, reduce-scatter the results. Receives N x D per shard, whatever
+  the routing; exact and runnable everywhere.
+- `dispatch_all_to_all`: send each token copy to the shard holding its expert and back
+  (jax.lax.ragged_all_to_all). Moves the N/ep x K copies actually routed: ep/K times less
+  than the all-gather when ep > K. Its receive buffer holds `buffer_factor` x the balanced
+  inflow (0: the worst case, every copy of the group; dropless); copies past a full buffer
+  are dropped and reported.
+
+FSDP shards of the expert weights are all-gathered inside (their gradients reduce-scattered
+by AD); a tensor-split FFN width is summed with psum. XLA:CPU has no ragged-all-to-all, so
+on CPU the exchange runs as `_ragged_all_to_all_by_gather` (the primitive's documented
+semantics from all-gathers), which is how the tests check the bookkeeping on fake devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from k2jax.model.grouped import dispatch_ragged, swiglu_grouped
+from k2jax.parallel.sharding import logical_spec
+from k2jax.platform import target_platform
+
+AXIS = "expert"
+
+
+def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mesh):
+    """Token and expert-weight PartitionSpecs for the dispatches here, or None when the mesh
+    does not split both the tokens and the experts over its expert axis."""
+    if AXIS not in mesh.axis_names or mesh.shape[AXIS] == 1:
+        return None
+    tokens = logical_spec(("batch", "norm"), (n_tokens, 1), mesh)
+    w_in = logical_spec(("experts", "embed", "expert_mlp"), expert_shape, mesh)
+    if AXIS not in _axes(tokens[0]) or w_in[0] != AXIS:
+        return None
+    w_out = logical_spec(("experts", "expert_mlp", "embed"), expert_shape[:1] + expert_shape[:0:-1], mesh)
+    return tokens, w_in, w_out
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _whole_experts(w_gate, w_up, w_down, w_in, w_out):
+    """Gather the FSDP shards of this shard's experts: whole d_model rows."""
+    for axis in _axes(w_in[1]):
+        w_gate = jax.lax.all_gather(w_gate, axis, axis=1, tiled=True)
+        w_up = jax.lax.all_gather(w_up, axis, axis=1, tiled=True)
+    for axis in _axes(w_out[2]):
+        w_down = jax.lax.all_gather(w_down, axis, axis=2, tiled=True)
+    return w_gate, w_up, w_down
+
+
+def _shard_map(local, mesh, specs, out_specs, *args):
+    tokens, w_in, w_out = specs
+    token_spec = P(tokens[0], None)
+    in_specs = (token_spec, token_spec, token_spec, w_in, w_in, w_out)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+def dispatch_all_gather(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
+    """x (N, D), ids/weights (N, K), experts (E, D, F)/(E, F, D) -> (N, D), dropped fraction (0):
+    the same result as `moe.dispatch_ragged` on one device."""
+    tensor = _axes(specs[1][2])
+
+    def local(x, ids, weights, w_gate, w_up, w_down):
+        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs[1], specs[2])
+        gather = lambda a: jax.lax.all_gather(a, AXIS, axis=0, tiled=True)  # noqa: E731
+        first_expert = jax.lax.axis_index(AXIS) * w_gate.shape[0]
+        y, _ = dispatch_ragged(gather(x), gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down,
+                               impl)
+        y = jax.lax.psum_scatter(y, AXIS, scatter_dimension=0, tiled=True)  # (N/ep, D) of own tokens
+        return jax.lax.psum(y, tensor) if tensor else y
+
+    token_spec = P(specs[0][0], None)
+    y = _shard_map(local, mesh, specs, token_spec, x, ids, weights, w_gate, w_up, w_down)
+    return y, jnp.zeros((), jnp.float32)
+
+
+def _exclusive_cumsum(a):
+    return jnp.cumsum(a) - a
+
+
+def _ragged_all_to_all_by_gather(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name):
+    """jax.lax.ragged_all_to_all with one slice per peer, built from all-gathers by the primitive's
+    documented semantics, for XLA:CPU (which answers UNIMPLEMENTED for ragged-all-to-all)."""
+    del recv_sizes  # implied by the senders' send_sizes
+    me = jax.lax.axis_index(axis_name)
+    everyone = jax.lax.all_gather(operand, axis_name)  # (ep, M, D)
+    starts, sizes, dests = (jax.lax.all_gather(a, axis_name)[:, me] for a in (input_offsets, send_sizes,
+                                                                                output_offsets))  # (ep,)
+    rows = jnp.arange(output.shape[0])
+    for source in range(everyone.shape[0]):
+        pos = rows - dests[source]
+        inside = (pos >= 0) & (pos < sizes[source])
+        sent = everyone[source][jnp.clip(starts[source] + pos, 0, operand.shape[0] - 1)]
+        output = jnp.where(inside[:, None], sent, output)
+    return output
+
+
+def _exchange(*args):
+    """The ragged all-to-all over the expert axis: XLA's on GPU/TPU, the gather form on CPU."""
+    ragged = _ragged_all_to_all_by_gather if target_platform() == "cpu" else jax.lax.ragged_all_to_all
+    return ragged(*args, axis_name=AXIS)
+
+
+def buffer_rows(n_local: int, k: int, ep: int, buffer_factor: float) -> int:
+    """Rows of a shard's receive buffer: buffer_factor x its balanced inflow (n_local x K),
+    capped at (and, for 0, equal to) the worst case: all ep x n_local x K copies of the group."""
+    worst = ep * n_local * k
+    return worst if buffer_factor == 0 else min(worst, max(1, math.ceil(buffer_factor * n_local * k)))
+
+
+def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot",
+                        buffer_factor: float = 0.0):
+    """Like `dispatch_all_gather`, but every token copy travels to its expert's shard and back.
+
+    Returns (N, D) and the fraction of token copies dropped by full receive buffers (0 when
+    buffer_factor is 0). Copies are accepted in (source shard, expert) order, so a full
+    buffer drops the tail of the last sources' copies.
+    """
+    tensor = _axes(specs[1][2])
+    ep = mesh.shape[AXIS]
+
+    def local(x, ids, weights, w_gate, w_up, w_down):
+        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs[1], specs[2])
+        n, k = ids.shape  # this shard's tokens
+        e_local = w_gate.shape[0]
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # copies by expert, hence by destination shard
+        copies = x[order // k]  # (n*k, D)
+        counts = jnp.bincount(flat, length=ep * e_local).reshape(ep, e_local)  # (dest shard, its expert)
+        to_me = jax.lax.all_to_all(counts, AXIS, 0, 0, tiled=True)  # (source shard, my expert)
+        rows = buffer_rows(n, k, ep, buffer_factor)
+        wanted = to_me.reshape(-1)
+        accepted = jnp.clip(rows - _exclusive_cumsum(wanted), 0, wanted)  # (ep * e_local,) fills in order
+        accepted_from = accepted.reshape(ep, e_local).sum(1)  # (ep,) a prefix of each source's slice
+        recv_offsets = _exclusive_cumsum(accepted_from)
+        send_offsets = _exclusive_cumsum(counts.sum(1))
+        send_sizes = jax.lax.all_to_all(accepted_from, AXIS, 0, 0, tiled=True)  # (ep,) taken by each dest
+        landing = jax.lax.all_to_all(recv_offsets, AXIS, 0, 0, tiled=True)  # where my slices land
+        received = _exchange(copies, jnp.zeros((rows, x.shape[1]), x.dtype), send_offsets, send_sizes, landing,
+                             accepted_from)  # (rows, D): by source, then expert; unused rows zero
+
+        # group the received rows by own expert (rows past the accepted ones get e_local: none)
+        row_group = jnp.searchsorted(jnp.cumsum(accepted), jnp.arange(rows), side="right")
+        expert = jnp.where(row_group < ep * e_local, row_group % e_local, e_local)
+        by_expert = jnp.argsort(expert, stable=True)
+        group_sizes = jnp.bincount(expert, length=e_local).astype(jnp.int32)
+        out = swiglu_grouped(impl)(received[by_expert], w_gate, w_up, w_down, group_sizes)
+        out = jnp.zeros_like(out).at[by_expert].set(out)
+
+        back = _exchange(out, jnp.zeros_like(copies), recv_offsets, accepted_from,
+                         jax.lax.all_to_all(send_offsets, AXIS, 0, 0, tiled=True), send_sizes)  # (n*k, D)
+        y = jnp.zeros_like(back).at[order].set(back).reshape(n, k, -1)  # dropped copies are zero
+        y = jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))
+        dropped = (n * k - jnp.sum(send_sizes)).astype(jnp.float32)[None]  # (1,) per shard
+        return (jax.lax.psum(y, tensor) if tensor else y), dropped
+
+    token_axes = specs[0][0]
+    y, dropped = _shard_map(local, mesh, specs, (P(token_axes, None), P(token_axes)), x, ids, weights, w_gate,
+                            w_up, w_down)
+    return y, jnp.sum(dropped) / ids.size
