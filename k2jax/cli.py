@@ -1,6 +1,6 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
 `k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`,
-`k2jax bench CONFIG`."""
+`k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`."""
 
 from __future__ import annotations
 
@@ -140,6 +140,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_lower(args) -> int:
+    import time
+
+    from k2jax.train.lowering import lower_train_step, summarize
+
+    cfg = _load(args.config, args.set)
+    started = time.perf_counter()
+    lowered, mesh = lower_train_step(cfg, args.platform)
+    seconds = time.perf_counter() - started
+    text = lowered.as_text()
+    print(f"train step lowered for {args.platform} in {seconds:.1f} s ({len(text):,} characters of StableHLO; "
+          f"batch {cfg.train.batch_size} x {cfg.data.seq_len}, {cfg.train.grad_accum} micro-batches, "
+          f"mesh {mesh})")
+    for name, count in summarize(lowered).items():
+        print(f"  {name:22s} {count:6d}")
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"StableHLO -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("lower", help="lower the train step for GPU or TPU on this machine (nothing allocated): "
+                       "proves the program, Pallas kernels included, lowers there; counts kernels and collectives")
+    p.add_argument("config", help="experiment YAML or a model preset name")
+    p.add_argument("--platform", default="cuda", choices=["cuda", "rocm", "tpu", "cpu"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", help="write the StableHLO text here")
+    p.set_defaults(fn=cmd_lower)
 
     args = parser.parse_args(argv)
     try:

@@ -6,26 +6,20 @@ to Triton here, so a kernel that only the accelerator would reject fails in this
 What is not checked: Triton's and XLA's own compilation, and speed.
 """
 
-import collections
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from k2jax.cli import main
 from k2jax.config import load_config
 from k2jax.model.flash_attention import flash_attend
 from k2jax.platform import lowering_for, target_platform
-from k2jax.train.bench import _random_batch
-from k2jax.train.step import init_train_state, make_train_step
+from k2jax.train.lowering import lower_train_step, summarize
 from test_train import TINY
 
 TRITON = "__gpu$xla.gpu.triton"
-MOSAIC = "tpu_custom_call"
-
-
-def _custom_calls(lowered) -> collections.Counter:
-    return collections.Counter(re.findall(r"custom_call @([^(]+)\(", lowered.as_text()))
 
 
 @pytest.mark.parametrize("dims", [(64, 64), (192, 128)], ids=["head64", "mla192"])
@@ -44,31 +38,29 @@ def test_flash_forward_and_backward_lower_to_triton(dims):
 
     with lowering_for("cuda"):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
-    assert _custom_calls(lowered)[TRITON] == 3
+    assert summarize(lowered)["Triton kernel"] == 3
 
 
-@pytest.fixture(scope="module")
-def tiny_mla_run():
+def test_lower_command_lowers_the_train_step_for_gpu(tmp_path, capsys):
+    """`k2jax lower` on the tiny MuonClip MoE, from an abstract state: flash attention as Triton
+    kernels (forward, dK/dV, dQ for the dense and the MoE stack) and XLA's ragged dot."""
+    out = tmp_path / "step.mlir"
+    assert main(["lower", str(TINY), "--platform", "cuda", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "train step lowered for cuda" in printed
+    assert re.search(r"Triton kernel\s+6\n", printed) and not re.search(r"ragged_dot\s+0\n", printed), printed
+    assert TRITON in out.read_text()
+    assert target_platform() == jax.default_backend()  # the platform is the host's again
+
+
+def test_train_step_lowers_for_tpu_with_mosaic_flash():
+    """The MLA variant for TPU: the library's Mosaic flash kernels (T = 128, one tile) and ragged dot."""
     cfg = load_config(TINY, ["model.attention=mla", "data.seq_len=128", "train.batch_size=4"])
-    setup, state = init_train_state(cfg)
-    return cfg, setup, state
-
-
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_whole_train_step_lowers_for_accelerators(tiny_mla_run, platform):
-    """The tiny MLA MoE's MuonClip train step with the default kernel choices: flash attention
-    (3 kernels per attention stack: Triton on GPU, Mosaic on TPU) and XLA's ragged dot for the
-    experts; the CPU's tiled grouped matmul on neither. T = 128: one TPU tile."""
-    cfg, setup, state = tiny_mla_run
-    step = make_train_step(cfg, setup)  # a new jit: its trace cache does not know the platform
-    with lowering_for(platform):
-        assert target_platform() == ("gpu" if platform == "cuda" else "tpu")
-        lowered = step.trace(state, _random_batch(cfg)).lower(lowering_platforms=(platform,))
-    text = lowered.as_text()
-    calls = _custom_calls(lowered)  # dense + MoE stacks: forward, dK/dV and dQ kernels each
-    assert (calls[TRITON], calls[MOSAIC]) == ((6, 0) if platform == "cuda" else (0, 6)), calls
-    assert "ragged_dot" in text
-    assert target_platform() == jax.default_backend()  # the block restores the host's platform
+    lowered, mesh = lower_train_step(cfg, "tpu")
+    counts = summarize(lowered)
+    assert (counts["Triton kernel"], counts["Mosaic TPU kernel"]) == (0, 6), counts
+    assert counts["ragged_dot"] > 0, counts
+    assert mesh == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
 
 
 def test_lowering_for_rejects_unknown_platform():

@@ -43,8 +43,8 @@ class TrainSetup:
     shardings: dict  # NamedSharding per train-state leaf
 
 
-def init_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSetup, dict]:
-    """A new run's state, initialised directly in its sharded layout on `mesh` (default: from cfg.mesh)."""
+def _setup_and_init(cfg: Config, mesh: Mesh | None) -> tuple[TrainSetup, Callable[[], dict]]:
+    """The run's static setup, and the function that builds a new state (to jit or eval_shape)."""
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     seed = cfg.train.seed
 
@@ -69,9 +69,19 @@ def init_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSetup,
         "opt_state": opt_state_shardings(tx, abstract["params"], params_sh, mesh),
         "model_state": jax.tree.map(lambda _: replicated(mesh), abstract["model_state"]),
     }
-    state = jax.jit(init, out_shardings=shardings)()
-    setup = TrainSetup(graphdef, tx, make_schedule(cfg.optim, cfg.train.steps), infos, mesh, shardings)
-    return setup, state
+    return TrainSetup(graphdef, tx, make_schedule(cfg.optim, cfg.train.steps), infos, mesh, shardings), init
+
+
+def init_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSetup, dict]:
+    """A new run's state, initialised directly in its sharded layout on `mesh` (default: from cfg.mesh)."""
+    setup, init = _setup_and_init(cfg, mesh)
+    return setup, jax.jit(init, out_shardings=setup.shardings)()
+
+
+def abstract_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSetup, dict]:
+    """Like init_train_state, but the state is ShapeDtypeStructs with shardings: nothing is allocated."""
+    setup, init = _setup_and_init(cfg, mesh)
+    return setup, abstract_state(setup, jax.eval_shape(init))
 
 
 def abstract_state(setup: TrainSetup, state: dict) -> dict:
