@@ -136,7 +136,9 @@ def cmd_bench(args) -> int:
         variants = {v: _load(args.config, [*args.set, f"{key}={v}"]) for v in values.split(",")}
     else:
         variants = optimizer_variants(cfg)
-    print(format_table(bench(variants, steps=args.steps, warmup=args.warmup), cfg))
+    print(format_table(bench(variants, steps=args.steps, warmup=args.warmup, profile_dir=args.profile), cfg))
+    if args.profile:
+        print(f"profile of one step per variant -> {args.profile}")
     return 0
 
 
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(e.g. model.expert_parallel=all_gather,gspmd) instead of the three optimizers")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--profile", metavar="DIR", help="trace one more step of each variant into DIR (jax.profiler)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("lower", help="lower the train step for GPU or TPU on this machine (nothing allocated): "

@@ -219,13 +219,16 @@ def test_bench_times_each_optimizer_on_the_same_step():
     assert "muonclip/this" in table and "adamw" in table and "Newton-Schulz FLOPs/step" in table
 
 
-def test_bench_compare_times_values_of_one_key(capsys):
+def test_bench_compare_times_values_of_one_key(capsys, tmp_path):
     from k2jax.cli import main
 
     small = ["--set", "train.batch_size=4", "--set", "data.seq_len=32", "--steps", "1", "--warmup", "0"]
-    assert main(["bench", str(TINY), "--compare", "model.grouped_matmul=ragged_dot,tiled", *small]) == 0
+    profile = tmp_path / "profile"
+    assert main(["bench", str(TINY), "--compare", "model.grouped_matmul=ragged_dot,tiled", *small,
+                 "--profile", str(profile)]) == 0
     table = capsys.readouterr().out
     assert "ragged_dot/this" in table and "\ntiled " in table
+    assert list(profile.rglob("*.xplane.pb")), "no profiler trace written"
     assert main(["bench", str(TINY), "--compare", "model.grouped_matmul", *small]) == 2  # no values
     assert main(["bench", str(TINY), "--compare", "model.grouped_matmul=ragged,tiled", *small]) == 2  # bad value
     assert "not one of" in capsys.readouterr().err

@@ -42,10 +42,12 @@ def optimizer_variants(cfg: Config, optimizers=OPTIMIZERS) -> dict[str, Config]:
     return {name: dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name=name)) for name in optimizers}
 
 
-def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2) -> list[dict]:
+def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2, profile_dir: str | None = None) -> list[dict]:
     """One row per variant: median step time, tokens/s, model FLOPs/token, MFU (where the
     device's peak is known), compile time, peak device memory, and the first variant's step
-    time over this one's (for MuonClip first: its slowdown relative to each)."""
+    time over this one's (for MuonClip first: its slowdown relative to each). With
+    profile_dir, one more step of each variant, after the timed ones, is traced there
+    (jax.profiler; open with TensorBoard's profile plugin or Perfetto), each under its name."""
     runs = {}
     for name, run_cfg in variants.items():
         setup, state = init_train_state(run_cfg)
@@ -68,6 +70,12 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2) -> l
             run["state"], metrics = run["step"](run["state"], run["batch"])
             jax.block_until_ready(metrics)
             run["times"].append(time.perf_counter() - started)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            for name, run in runs.items():
+                with jax.profiler.TraceAnnotation(f"train_step:{name}"):
+                    run["state"], metrics = run["step"](run["state"], run["batch"])
+                    jax.block_until_ready(metrics)
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     first = statistics.median(next(iter(runs.values()))["times"])
     rows = []
