@@ -216,27 +216,26 @@ def _pad_last(x, size):
     return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
-def flash_attend(q, k, v, segment_ids, scale, *, block_q=128, block_k=128, interpret=None):
+def flash_attend(q, k, v, segment_ids, scale, *, block_q=None, block_k=None, interpret=None):
     """Causal document attention; same contract as `attention.attend` but takes segment ids, not a mask.
 
     q (B, T, H, Dqk), k (B, T, G, Dqk), v (B, T, G, Dv), segment_ids (B, T) int.
     Returns out (B, T, H, Dv) in q's dtype and max_logits (H,) float32 (no gradient).
-    Head dims are zero-padded to a power of two and blocks shrink to powers of two dividing T
-    (Triton tiles); on GPU they must stay >= 16.
+    Head dims are zero-padded to a power of two; blocks (default 128, 64 for padded heads wider
+    than 128) shrink to powers of two dividing T (Triton tiles); on GPU they must stay >= 16.
     """
     if interpret is None:
         interpret = target_platform() != "gpu"
     b, t, h, dqk = q.shape
     if k.shape[1] != t:
         raise ValueError(f"flash attention is self-attention: q has {t} positions, k has {k.shape[1]}")
-    block_q, block_k = _tile(t, block_q), _tile(t, block_k)
+    dv = v.shape[-1]
+    d_pad, v_pad = pl.next_power_of_2(dqk), pl.next_power_of_2(dv)
+    default_block = 64 if max(d_pad, v_pad) > WIDE_HEAD else 128
+    block_q, block_k = _tile(t, block_q or default_block), _tile(t, block_k or default_block)
     if not interpret and min(block_q, block_k) < MIN_BLOCK:
         raise ValueError(f"flash attention on GPU needs a sequence length that is a multiple of {MIN_BLOCK}, "
                          f"got {t} (use model.attention_impl: plain or auto)")
-    dv = v.shape[-1]
-    d_pad, v_pad = pl.next_power_of_2(dqk), pl.next_power_of_2(dv)
-    if max(d_pad, v_pad) > WIDE_HEAD:
-        block_q, block_k = min(block_q, 64), min(block_k, 64)
     out, row_max = _flash(_pad_last(q, d_pad), _pad_last(k, d_pad), _pad_last(v, v_pad),
                           segment_ids.astype(jnp.int32), float(scale), block_q, block_k, bool(interpret))
     max_logits = jnp.max(row_max, axis=(0, 2))  # (B, H, T) -> (H,)
