@@ -47,6 +47,9 @@ case "${1:-}" in
         --compare model.attention_impl=flash,plain
     run compare_grouped "${K2JAX[@]}" bench "$BENCH" --set optim.name=adamw --steps 3 --warmup 1 \
         --compare model.grouped_matmul=ragged_dot,tiled
+    # JAX's own Pallas-Triton lowering of ragged_dot (off by default): compare its step time with the line above
+    JAX_RAGGED_DOT_USE_GPU_PALLAS_TRITON_LOWERING=1 run ragged_dot_triton "${K2JAX[@]}" bench "$BENCH" \
+        --set optim.name=adamw --steps 3 --warmup 1 --compare model.grouped_matmul=ragged_dot
     ;;
   *)
     sed -n 2,12p "$0"; exit 2 ;;
