@@ -7,6 +7,7 @@ What is not checked: Triton's and XLA's own compilation, and speed.
 """
 
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ from k2jax.config import load_config
 from k2jax.model.flash_attention import flash_attend
 from k2jax.platform import lowering_for, target_platform
 from k2jax.train.lowering import lower_train_step, summarize
-from test_train import TINY
 
+TINY = Path(__file__).parents[1] / "experiments" / "tiny.yaml"
 TRITON = "__gpu$xla.gpu.triton"
 
 

@@ -69,7 +69,7 @@ def _shard_map(local, mesh, specs, out_specs, *args):
 
 def dispatch_all_gather(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
     """x (N, D), ids/weights (N, K), experts (E, D, F)/(E, F, D) -> (N, D), dropped fraction (0):
-    the same result as `moe.dispatch_ragged` on one device."""
+    the same result as `grouped.dispatch_ragged` on one device."""
     tensor = _axes(specs[1][2])
 
     def local(x, ids, weights, w_gate, w_up, w_down):

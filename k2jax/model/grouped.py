@@ -49,6 +49,11 @@ def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int = TILE_ROWS):
     return jnp.where(in_group[:, None], y.at[dest].get(mode="fill", fill_value=0), 0)  # (M, D)
 
 
+def swiglu_grouped(impl: str):
+    """The grouped SwiGLU (xs, gate, up, down, group_sizes) -> ys for impl "ragged_dot" or "tiled"."""
+    return _swiglu_tiled if impl == "tiled" else _swiglu_ragged
+
+
 def grouped_matmul_impl(cfg: ModelConfig) -> str:
     """"ragged_dot" or "tiled" for cfg.grouped_matmul ("auto": tiled on CPU, where ragged_dot
     is lowered densely over all experts; XLA's ragged dot on GPU and TPU)."""
@@ -75,9 +80,3 @@ def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down, impl: str = "ragged_d
     ys = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
     weights = jnp.where(here.reshape(n, k), weights, 0.0)
     return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype)), jnp.zeros((), jnp.float32)
-
-
-def swiglu_grouped(impl: str):
-    """The grouped SwiGLU (xs, gate, up, down, group_sizes) -> ys for impl "ragged_dot" or "tiled"."""
-    return _swiglu_tiled if impl == "tiled" else _swiglu_ragged
-
