@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh dense       # k2jax bench: base-dense, MuonClip vs Muon vs AdamW, MFU
 #   bash benchmarks/gpu_session.sh moe         # the same for the base MoE (+ a profile of one step each)
 #   bash benchmarks/gpu_session.sh kernels     # base MoE: flash vs plain attention, ragged_dot vs tiled
+#   bash benchmarks/gpu_session.sh ns          # base MoE, MuonClip: Newton-Schulz in float32 vs bfloat16
 #
 # It uses the device image's own Python (its JAX, Flax and optax, which may be newer than
 # requirements.lock: `check` prints them) with this tree on PYTHONPATH; nothing is installed.
@@ -51,6 +52,9 @@ case "${1:-}" in
     JAX_RAGGED_DOT_USE_GPU_PALLAS_TRITON_LOWERING=1 run ragged_dot_triton "${K2JAX[@]}" bench "$BENCH" \
         --set optim.name=adamw --steps 3 --warmup 1 --compare model.grouped_matmul=ragged_dot
     ;;
+  ns)
+    run compare_ns_dtype "${K2JAX[@]}" bench "$BENCH" --steps 3 --warmup 1 --compare optim.ns_dtype=float32,bfloat16
+    ;;
   *)
-    sed -n 2,12p "$0"; exit 2 ;;
+    sed -n 2,13p "$0"; exit 2 ;;
 esac

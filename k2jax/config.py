@@ -189,6 +189,8 @@ class OptimConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    # dtype of the Newton-Schulz iterations: optax's float32, or bfloat16 as K2 ran them
+    ns_dtype: Literal["float32", "bfloat16"] = "float32"
     rms_scale: float = 0.2  # update RMS = rms_scale * sqrt(max(A, B)) matching
     # AdamW (also the non-matrix branch of Muon/MuonClip)
     adam_b1: float = 0.9

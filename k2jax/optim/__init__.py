@@ -23,12 +23,14 @@ __all__ = ["muonclip", "make_optimizer", "make_schedule", "qk_clip", "qk_clip_me
 
 
 def muonclip(learning_rate, param_infos, *, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
-             ns_coeffs=(3.4445, -4.7750, 2.0315), rms_scale=0.2, adam_learning_rate=None, adam_b1=0.9,
-             adam_b2=0.95, adam_eps=1e-8, tau=100.0, alpha=0.5, clip=True) -> optax.GradientTransformationExtraArgs:
+             ns_coeffs=(3.4445, -4.7750, 2.0315), ns_dtype="float32", rms_scale=0.2, adam_learning_rate=None,
+             adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, tau=100.0, alpha=0.5,
+             clip=True) -> optax.GradientTransformationExtraArgs:
     """Muon (matrices) + AdamW (the rest), then QK-Clip on query/key projections (if clip)."""
     base = muon_or_adamw(learning_rate, param_infos, weight_decay=weight_decay, momentum=momentum,
-                         nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs, rms_scale=rms_scale,
-                         adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps)
+                         nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_dtype=ns_dtype,
+                         rms_scale=rms_scale, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
+                         adam_b2=adam_b2, adam_eps=adam_eps)
     parts = [base, qk_clip(param_infos, tau, alpha)] if clip else [base]
     return optax.chain(*parts)
 
@@ -43,8 +45,8 @@ def make_optimizer(cfg: OptimConfig, param_infos, total_steps: int) -> optax.Gra
         tx = muon_or_adamw(lr, param_infos, use_muon=False, **common)
     else:
         tx = muonclip(lr, param_infos, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
-                      ns_coeffs=cfg.ns_coeffs, rms_scale=cfg.rms_scale, tau=cfg.qk_clip_tau,
-                      alpha=cfg.qk_clip_alpha, clip=cfg.name == "muonclip", **common)
+                      ns_coeffs=cfg.ns_coeffs, ns_dtype=cfg.ns_dtype, rms_scale=cfg.rms_scale,
+                      tau=cfg.qk_clip_tau, alpha=cfg.qk_clip_alpha, clip=cfg.name == "muonclip", **common)
     if cfg.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     return optax.with_extra_args_support(tx)

@@ -3,7 +3,9 @@
 Newton-Schulz and momentum come from optax.contrib.scale_by_muon; dimension
 numbers are derived from each parameter's ParamInfo (fan-in axes -> reduction,
 the rest -> output, stacked "layers"/"experts" axes -> batch, so every expert
-and every scanned layer is orthogonalised as its own matrix).
+and every scanned layer is orthogonalised as its own matrix). optax iterates in
+the momentum's dtype (float32); with ns_dtype="bfloat16" (K2's choice) the
+iterations run in bfloat16 instead, through optax's own Newton-Schulz function.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
 from k2jax.params import ParamInfo
 
@@ -75,15 +79,40 @@ def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
                 return u
             return u * (rms_scale * math.sqrt(max(matrix_shape(info, u.shape))))
 
-        return jax.tree.map(scale, updates, infos, is_leaf=lambda x: isinstance(x, optax.MaskedNode)), state
+        return jax.tree.map(scale, updates, infos, is_leaf=_skip_masked), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _skip_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def scale_by_newton_schulz(infos, ns_coeffs, ns_steps: int, dtype) -> optax.GradientTransformation:
+    """Orthogonalise each Muon update (already momentum-averaged) with Newton-Schulz computed in
+    `dtype`, one matrix per slice of its dimension numbers; the result is cast back."""
+    coeffs = jnp.asarray(ns_coeffs, dtype)
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def orthogonalise(u, info):
+            if _skip_masked(u):
+                return u
+            return orthogonalize_via_newton_schulz(u.astype(dtype), coeffs, ns_steps,
+                                                   dimension_numbers=dimension_numbers(info)).astype(u.dtype)
+
+        return jax.tree.map(orthogonalise, updates, infos, is_leaf=_skip_masked), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def muon_or_adamw(learning_rate, infos, *, use_muon=True, weight_decay=0.1, momentum=0.95, nesterov=True,
-                  ns_steps=5, ns_coeffs=(3.4445, -4.7750, 2.0315), rms_scale=0.2, adam_learning_rate=None,
-                  adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8) -> optax.GradientTransformation:
-    """optax.partition of Muon (matrices) and AdamW (everything else, or everything if not use_muon)."""
+                  ns_steps=5, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_dtype="float32", rms_scale=0.2,
+                  adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8) -> optax.GradientTransformation:
+    """optax.partition of Muon (matrices) and AdamW (everything else, or everything if not use_muon).
+    ns_dtype: "float32" (optax's iterations) or "bfloat16" (optax's momentum and normalisation,
+    then the iterations in bfloat16)."""
     adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
     label_tree = labels(infos, use_muon)
 
@@ -94,9 +123,12 @@ def muon_or_adamw(learning_rate, infos, *, use_muon=True, weight_decay=0.1, mome
     adam = lambda wd: optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd)  # noqa: E731
     transforms = {ADAMW: adam(weight_decay), ADAMW_NO_DECAY: adam(0.0)}
     if use_muon:
+        in_optax = ns_dtype == "float32"
+        orthogonalise = [] if in_optax else [scale_by_newton_schulz(infos, ns_coeffs, ns_steps, jnp.dtype(ns_dtype))]
         transforms[MUON] = optax.chain(
-            scale_by_muon(ns_coeffs=ns_coeffs, ns_steps=ns_steps, beta=momentum, nesterov=nesterov,
-                          weight_dimension_numbers=masked_dim_nums),
+            scale_by_muon(ns_coeffs=ns_coeffs, ns_steps=ns_steps if in_optax else 0, beta=momentum,
+                          nesterov=nesterov, weight_dimension_numbers=masked_dim_nums),
+            *orthogonalise,
             scale_by_rms_match(infos, rms_scale),
             optax.add_decayed_weights(weight_decay),
             optax.scale_by_learning_rate(learning_rate),
