@@ -186,6 +186,48 @@ EXPERT_PARALLEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+FUSED_ATTENTION_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from k2jax.config import MeshConfig
+    from k2jax.model.attention import attend_per_shard
+    from k2jax.model.flash_attention import flash_attend
+    from k2jax.parallel.sharding import make_mesh
+    from k2jax.platform import lowering_for
+
+    b, t, h, g, d = 8, 32, 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, t, h, d))
+    k, v = (jax.random.normal(kk, (b, t, g, d)) for kk in keys[1:3])
+    probe = jax.random.normal(keys[3], (b, t, h, d))
+    seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 12], b, 0).astype(np.int32))
+
+    def loss(q, k, v):
+        out, max_logits = attend_per_shard(flash_attend, q, k, v, seg, 0.25)
+        return jnp.sum(out * probe), max_logits
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    ref = grad(q, k, v)  # no mesh: the kernel on the whole arrays
+    # (mesh, the kernel's local q block): heads split with their GQA groups, or kept whole
+    for axes, local in [(dict(data=2, fsdp=2, tensor=2), "tensor<2x32x2x16xf32>"),
+                        (dict(data=1, expert=2, tensor=4), "tensor<4x32x4x16xf32>")]:
+        mesh = make_mesh(MeshConfig(**axes))
+
+        def sharded(q, k, v):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return grad(q, k, v)
+
+        args = jax.device_put((q, k, v), NamedSharding(mesh, P()))
+        for a, r in zip(jax.tree.leaves(jax.jit(sharded)(*args)), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5, err_msg=str(axes))
+        with lowering_for("cuda"):  # a fresh jit: the first one's trace chose the interpreted kernel
+            text = jax.jit(lambda *a: sharded(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+        assert len(calls) == 3 and all(f"({local}" in c for c in calls), (axes, [c[-300:] for c in calls])
+    print("FUSED-ATTENTION-OK")
+""")
+
+
 def _run(script: str) -> str:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
@@ -212,3 +254,12 @@ def test_expert_parallel_dispatch_matches_one_device_without_rematerialization()
     out = _run(EXPERT_PARALLEL_SCRIPT)
     assert "EXPERT-PARALLEL-OK" in out, out
     assert "Involuntary full rematerialization" not in out, out
+
+
+def test_fused_attention_runs_per_shard():
+    """A Pallas kernel is opaque to GSPMD, so it runs under shard_map on each shard's own rows and
+    heads: equal to the kernel on whole arrays (values, max logits, gradients), and lowered for
+    GPU its Triton calls see the local block (batch / 4 and heads / 2; or batch / 2 and all heads
+    when the 2 GQA groups cannot follow 4 head shards)."""
+    out = _run(FUSED_ATTENTION_SCRIPT)
+    assert "FUSED-ATTENTION-OK" in out, out

@@ -19,6 +19,7 @@ from k2jax.model.flash_attention_tpu import BLOCK as TPU_BLOCK
 from k2jax.model.flash_attention_tpu import flash_attend_tpu
 from k2jax.model.layers import RMSNorm, dtype_of, make_param
 from k2jax.model.rope import apply_rope, softmax_scale
+from k2jax.parallel.sharding import logical_spec, spec_axes
 from k2jax.platform import target_platform
 
 NEG_INF = -1e30  # finite, so fully masked (padding) rows never produce NaN
@@ -47,6 +48,38 @@ def attend(q, k, v, mask, scale):
     probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0)  # padding rows attend nowhere
     out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v)
     return out.reshape(b, t, h, v.shape[-1]), jax.lax.stop_gradient(max_logits)
+
+
+def attend_per_shard(kernel, q, k, v, segment_ids, scale):
+    """Run a fused attention kernel on each shard's own batch rows and heads.
+
+    A Pallas kernel is opaque to GSPMD, which would gather the whole batch onto every device
+    to run it. Attention is independent per (row, head), so under the mesh the layers are
+    traced with (see train/step.py) each shard runs the kernel on its rows (batch axes) and
+    heads (tensor axis, when the key/value groups split the same way); the per-head max
+    logits are then maxed over the batch shards. Same contract as `attend` otherwise.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, segment_ids, scale)
+    b, _, h, _ = q.shape
+    batch = logical_spec(("batch",), (b,), mesh)[0]
+    heads = logical_spec(("heads",), (h,), mesh)[0]
+    head_shards = 1
+    for axis in spec_axes(heads):
+        head_shards *= mesh.shape[axis]
+    if k.shape[2] % head_shards:  # GQA groups that do not split like the query heads: keep heads whole
+        heads = None
+    if batch is None and heads is None:
+        return kernel(q, k, v, segment_ids, scale)
+    rows = jax.sharding.PartitionSpec(batch, None, heads, None)
+
+    def local(q, k, v, segment_ids):
+        out, max_logits = kernel(q, k, v, segment_ids, scale)
+        return out, jax.lax.pmax(max_logits, spec_axes(batch)) if batch is not None else max_logits
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec(batch, None)),
+                         out_specs=(rows, jax.sharding.PartitionSpec(heads)), check_vma=False)(q, k, v, segment_ids)
 
 
 class Attention(nnx.Module):
@@ -125,7 +158,7 @@ class Attention(nnx.Module):
             v = jnp.einsum("btd,dgk->btgk", x, self._w("wv"))
         fused = self._fused_kernel(x.shape[1])
         if fused is not None:
-            out, max_logits = fused(q, k, v, segment_ids, self.scale)
+            out, max_logits = attend_per_shard(fused, q, k, v, segment_ids, self.scale)
         else:
             out, max_logits = attend(q, k, v, attention_mask(segment_ids), self.scale)
         return jnp.einsum("bthd,hde->bte", out, self._w("wo")), max_logits

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from k2jax.model.grouped import dispatch_ragged, swiglu_grouped
-from k2jax.parallel.sharding import logical_spec
+from k2jax.parallel.sharding import logical_spec, spec_axes
 from k2jax.platform import target_platform
 
 AXIS = "expert"
@@ -40,22 +40,18 @@ def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mes
         return None
     tokens = logical_spec(("batch", "norm"), (n_tokens, 1), mesh)
     w_in = logical_spec(("experts", "embed", "expert_mlp"), expert_shape, mesh)
-    if AXIS not in _axes(tokens[0]) or w_in[0] != AXIS:
+    if AXIS not in spec_axes(tokens[0]) or w_in[0] != AXIS:
         return None
     w_out = logical_spec(("experts", "expert_mlp", "embed"), expert_shape[:1] + expert_shape[:0:-1], mesh)
     return tokens, w_in, w_out
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _whole_experts(w_gate, w_up, w_down, w_in, w_out):
     """Gather the FSDP shards of this shard's experts: whole d_model rows."""
-    for axis in _axes(w_in[1]):
+    for axis in spec_axes(w_in[1]):
         w_gate = jax.lax.all_gather(w_gate, axis, axis=1, tiled=True)
         w_up = jax.lax.all_gather(w_up, axis, axis=1, tiled=True)
-    for axis in _axes(w_out[2]):
+    for axis in spec_axes(w_out[2]):
         w_down = jax.lax.all_gather(w_down, axis, axis=2, tiled=True)
     return w_gate, w_up, w_down
 
@@ -70,7 +66,7 @@ def _shard_map(local, mesh, specs, out_specs, *args):
 def dispatch_all_gather(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
     """x (N, D), ids/weights (N, K), experts (E, D, F)/(E, F, D) -> (N, D), dropped fraction (0):
     the same result as `grouped.dispatch_ragged` on one device."""
-    tensor = _axes(specs[1][2])
+    tensor = spec_axes(specs[1][2])
 
     def local(x, ids, weights, w_gate, w_up, w_down):
         w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs[1], specs[2])
@@ -128,7 +124,7 @@ def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl
     buffer_factor is 0). Copies are accepted in (source shard, expert) order, so a full
     buffer drops the tail of the last sources' copies.
     """
-    tensor = _axes(specs[1][2])
+    tensor = spec_axes(specs[1][2])
     ep = mesh.shape[AXIS]
 
     def local(x, ids, weights, w_gate, w_up, w_down):

@@ -72,6 +72,11 @@ def logical_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P
     return P(*spec)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name, or a tuple of them)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def param_shardings(infos, params, mesh: Mesh):
     """NamedSharding for every parameter, from its ParamInfo logical axes."""
     return jax.tree.map(lambda info, x: NamedSharding(mesh, logical_spec(info.axes, x.shape, mesh)),
