@@ -66,6 +66,10 @@ def newton_schulz_flops(infos, shapes, steps: int = 5, use_muon: bool = True) ->
     return total
 
 
+def _skip_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
 def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
     """Multiply each orthogonalised update by rms_scale * sqrt(max(A, B)) (K2 / Moonlight):
     an orthogonal A x B matrix has RMS 1/sqrt(max(A, B)), so updates get RMS ~rms_scale,
@@ -82,10 +86,6 @@ def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
         return jax.tree.map(scale, updates, infos, is_leaf=_skip_masked), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def _skip_masked(x) -> bool:
-    return isinstance(x, optax.MaskedNode)
 
 
 def scale_by_newton_schulz(infos, ns_coeffs, ns_steps: int, dtype) -> optax.GradientTransformation:

@@ -42,7 +42,8 @@ def optimizer_variants(cfg: Config, optimizers=OPTIMIZERS) -> dict[str, Config]:
     return {name: dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name=name)) for name in optimizers}
 
 
-def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2, profile_dir: str | None = None) -> list[dict]:
+def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2,
+          profile_dir: str | None = None) -> list[dict]:
     """One row per variant: median step time, tokens/s, model FLOPs/token, MFU (where the
     device's peak is known), compile time, peak device memory, and the first variant's step
     time over this one's (for MuonClip first: its slowdown relative to each). With
