@@ -102,17 +102,19 @@ class MoE(nnx.Module):
         cdt = dtype_of(cfg.compute_dtype)
         experts = (self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
         mesh = jax.sharding.get_abstract_mesh()  # set by the train/eval step around its trace (else empty)
-        use_ep = cfg.expert_parallel != "gspmd"
-        ep_specs = expert_parallel_specs(xf.shape[0], experts[0].shape, mesh) if use_ep else None
-        if cfg.moe_dispatch == "ragged" and ep_specs is not None and cfg.expert_parallel == "all_to_all":
-            y, dropped = dispatch_all_to_all(xf, ids, weights, *experts, mesh, ep_specs, grouped_matmul_impl(cfg),
-                                             cfg.expert_buffer_factor)
-        elif cfg.moe_dispatch == "ragged" and ep_specs is not None:
-            y, dropped = dispatch_all_gather(xf, ids, weights, *experts, mesh, ep_specs, grouped_matmul_impl(cfg))
-        elif cfg.moe_dispatch == "ragged":
-            y, dropped = dispatch_ragged(xf, ids, weights, *experts, grouped_matmul_impl(cfg))
-        else:
+        ep_specs = None
+        if cfg.moe_dispatch == "ragged" and cfg.expert_parallel != "gspmd":
+            ep_specs = expert_parallel_specs(xf.shape[0], experts[0].shape, mesh)
+        impl = grouped_matmul_impl(cfg)
+        if cfg.moe_dispatch == "capacity":
             y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, cfg.capacity_factor)
+        elif ep_specs is None:
+            y, dropped = dispatch_ragged(xf, ids, weights, *experts, impl)
+        elif cfg.expert_parallel == "all_to_all":
+            y, dropped = dispatch_all_to_all(xf, ids, weights, *experts, mesh, ep_specs, impl,
+                                             cfg.expert_buffer_factor)
+        else:
+            y, dropped = dispatch_all_gather(xf, ids, weights, *experts, mesh, ep_specs, impl)
         if self.shared is not None:
             y = y + self.shared(xf)
         vmask = vf.astype(jnp.float32)

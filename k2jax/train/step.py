@@ -43,8 +43,8 @@ class TrainSetup:
     shardings: dict  # NamedSharding per train-state leaf
 
 
-def _setup_and_init(cfg: Config, mesh: Mesh | None) -> tuple[TrainSetup, Callable[[], dict]]:
-    """The run's static setup, and the function that builds a new state (to jit or eval_shape)."""
+def _setup_and_init(cfg: Config, mesh: Mesh | None) -> tuple[TrainSetup, Callable[[], dict], dict]:
+    """The run's static setup, the function that builds a new state, and that state's shapes."""
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     seed = cfg.train.seed
 
@@ -69,19 +69,20 @@ def _setup_and_init(cfg: Config, mesh: Mesh | None) -> tuple[TrainSetup, Callabl
         "opt_state": opt_state_shardings(tx, abstract["params"], params_sh, mesh),
         "model_state": jax.tree.map(lambda _: replicated(mesh), abstract["model_state"]),
     }
-    return TrainSetup(graphdef, tx, make_schedule(cfg.optim, cfg.train.steps), infos, mesh, shardings), init
+    setup = TrainSetup(graphdef, tx, make_schedule(cfg.optim, cfg.train.steps), infos, mesh, shardings)
+    return setup, init, abstract
 
 
 def init_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSetup, dict]:
     """A new run's state, initialised directly in its sharded layout on `mesh` (default: from cfg.mesh)."""
-    setup, init = _setup_and_init(cfg, mesh)
+    setup, init, _ = _setup_and_init(cfg, mesh)
     return setup, jax.jit(init, out_shardings=setup.shardings)()
 
 
 def abstract_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSetup, dict]:
     """Like init_train_state, but the state is ShapeDtypeStructs with shardings: nothing is allocated."""
-    setup, init = _setup_and_init(cfg, mesh)
-    return setup, abstract_state(setup, jax.eval_shape(init))
+    setup, _, abstract = _setup_and_init(cfg, mesh)
+    return setup, abstract_state(setup, abstract)
 
 
 def abstract_state(setup: TrainSetup, state: dict) -> dict:
