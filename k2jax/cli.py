@@ -1,6 +1,6 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
 `k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`,
-`k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`."""
+`k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`, `k2jax plan CONFIG --topology v5p:8x8x8`."""
 
 from __future__ import annotations
 
@@ -46,10 +46,12 @@ def cmd_info(args) -> int:
     from k2jax.model.count import abstract_model, count_params
     from k2jax.optim import describe
     from k2jax.optim.muon import newton_schulz_flops
+    from k2jax.parallel.sharding import abstract_mesh, param_shardings
     from k2jax.params import param_info
     from k2jax.train.flops import flops_per_token
 
     cfg = _load(args.config, args.set)
+    mesh = abstract_mesh(cfg.mesh, args.devices)
     counts = count_params(cfg.model)
     m = cfg.model
     print(f"attention {m.attention}: {m.num_heads} heads, d_model {m.d_model}, {m.num_layers} layers "
@@ -65,9 +67,14 @@ def cmd_info(args) -> int:
     ns = newton_schulz_flops(infos, nnx.to_pure_dict(state))
     print(f"Newton-Schulz FLOPs per Muon step: {ns:.3e} = {ns / step_flops:.1%} of the model FLOPs of a "
           f"{tokens:,}-token step (train.batch_size x data.seq_len)")
+    shardings = None
+    if mesh.size > 1:  # raises, as training would, where a mesh axis does not divide a parameter
+        shardings = param_shardings(infos, nnx.to_pure_dict(state), mesh)
+        print(f"mesh {dict(mesh.shape)}: every mesh axis divides the parameter dimensions it splits")
     if args.params:
-        print(f"\noptimizer '{cfg.optim.name}' rules per parameter:")
-        for row in describe(infos, cfg.optim.name):
+        placement = f" and placement on mesh {dict(mesh.shape)}" if shardings else ""
+        print(f"\noptimizer '{cfg.optim.name}' rules{placement} per parameter:")
+        for row in describe(infos, cfg.optim.name, shardings):
             print("  " + "  ".join(str(c) for c in row))
     return 0
 
@@ -163,6 +170,21 @@ def cmd_lower(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the program is compiled for the slice, never run here
+    from k2jax.train.plan import format_report, plan
+
+    cfg = _load(args.config, args.set)
+    report = plan(cfg, args.topology, tuple(args.parts.split(",")))
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"report -> {args.json}")
+    return 0 if all(p["fits"] for p in report["parts"].values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="parameter counts (from the abstract model) and optimizer rules")
     p.add_argument("--config", default="small", help="a model preset name or an experiment YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--params", action="store_true", help="list every parameter and its optimizer rule")
+    p.add_argument("--params", action="store_true",
+                   help="list every parameter, its optimizer rule and (on a mesh of several devices) its placement")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="devices of the mesh, for a -1 mesh axis (default: the fixed axes' product; -1 counts 1)")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("prepare", help="tokenize text/JSONL/Parquet/HF datasets into ArrayRecord shards")
@@ -240,6 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", help="write the StableHLO text here")
     p.set_defaults(fn=cmd_lower)
+
+    p = sub.add_parser("plan", help="compile the train step for a TPU slice without a TPU (libtpu): HBM per "
+                       "device and whether it fits, FLOPs and collective bytes per device, a step-time bound")
+    p.add_argument("config", help="experiment YAML or a model preset name")
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:2x2x2, v5p:8x8x8, v6e:16x16, v4:4x4x4")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--parts", default="step,grads,update",
+                   help="programs to compile: the whole step, its forward+backward, its optimizer update")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(fn=cmd_plan)
 
     args = parser.parse_args(argv)
     try:

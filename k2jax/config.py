@@ -102,6 +102,9 @@ class ModelConfig:
 
     rms_eps: float = 1e-6
     tie_embeddings: bool = False
+    # float32: master weights and optimizer state in float32 (K2's recipe; layers cast the weights to
+    # compute_dtype). bfloat16: weights and optimizer state in bfloat16 (not K2's recipe), to save
+    # memory. Gradients are accumulated over micro-batches in float32 either way.
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: Literal["none", "full", "dots"] = "none"

@@ -1,4 +1,4 @@
-"""Suite-wide setup: one persistent XLA compilation cache for every process the tests start.
+"""Suite-wide setup: JAX on the CPU, and one persistent XLA compilation cache for every process the tests start.
 
 Many tests compile the same small programs in different processes (pytest-xdist workers,
 8-device subprocesses, notebook kernels); with the cache each is compiled once per suite run
@@ -9,6 +9,8 @@ cache on the 2-core CPU. The variables are inherited by subprocesses and noteboo
 import os
 from pathlib import Path
 
+# libtpu is installed (for `k2jax plan`); the tests run on the CPU and must not probe for a TPU
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

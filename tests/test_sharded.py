@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     from k2jax.params import param_info
 
     assert jax.device_count() == 8
-    cfg = dataclasses.replace(PRESETS["tiny"], compute_dtype="float32")
+    # q_lora_rank: MLA's wq_b as well as wkv_b, both split over fsdp by their latent rank
+    cfg = dataclasses.replace(PRESETS["tiny"], compute_dtype="float32", q_lora_rank=32)
     model = Transformer(cfg, nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     params, infos = nnx.to_pure_dict(state), param_info(state)
@@ -35,6 +36,8 @@ SCRIPT = textwrap.dedent("""
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
     shardings = param_shardings(infos, params, mesh)
     sharded = jax.device_put(params, shardings)
+    assert all(sharded[k]["attn"][w].sharding.spec[1] == "fsdp" for k in ("dense_layers", "moe_layers")
+               for w in ("wq_b", "wkv_b"))
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, shardings, mesh))(sharded)
     # optimizer state (Muon momentum, AdamW moments) is laid out like the parameters
     leaves = {x.shape: x.sharding for x in jax.tree.leaves(sharded)}
@@ -51,6 +54,7 @@ SCRIPT = textwrap.dedent("""
 
 TRAIN_SCRIPT = textwrap.dedent("""
     import dataclasses
+    import re
     import tempfile
     import jax, jax.numpy as jnp, numpy as np
     from k2jax.config import ConfigError, MeshConfig, load_config
@@ -66,7 +70,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
     batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
     meshes = {"one device": make_mesh(MeshConfig(data=1), jax.devices()[:1]),
               "data=2 fsdp=2 expert=2": make_mesh(MeshConfig(data=2, fsdp=2, expert=2)),
-              "fsdp=2 expert=2 tensor=2": make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))}
+              "fsdp=2 expert=2 tensor=2": make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2)),
+              "data=2 fsdp=4": make_mesh(MeshConfig(data=2, fsdp=4))}
 
     def check_layout(name, setup, state, mesh):
         # every parameter and its Muon momentum / Adam moments sit where the rules say
@@ -78,7 +83,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
         moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim >= 2]
         assert moments and all(x.sharding.spec == specs[x.shape] for x in moments), name
 
-    # the tensor-split mesh exchanges token copies by all-to-all, the others by all-gather
+    # the tensor-split mesh exchanges token copies by all-to-all, the expert-split ones by all-gather;
+    # without an expert axis each shard runs its own tokens through all experts
     a2a = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, expert_parallel="all_to_all"))
     losses, runs = {}, {}
     for name, mesh in meshes.items():
@@ -94,6 +100,11 @@ TRAIN_SCRIPT = textwrap.dedent("""
     ref = losses.pop("one device")
     for name, got in losses.items():
         np.testing.assert_allclose(got, ref, rtol=2e-4, err_msg=name)
+    # ... and never all-reduces a micro-batch's token buffer: its (512 x 2, D) copies or (512, D) rows
+    _, state, step = runs["data=2 fsdp=4"]
+    token_buffers = [line for line in step.lower(state, batch).compile().as_text().splitlines()
+                     if re.search(r" all-reduce(-start)?\\(", line) and re.search(r"f32\\[(512|1024),", line)]
+    assert not token_buffers, token_buffers
 
     # a checkpoint saved on one mesh restores onto another: same values, the new mesh's layout
     src_setup, src_state, src_step = runs["data=2 fsdp=2 expert=2"]
@@ -119,10 +130,12 @@ TRAIN_SCRIPT = textwrap.dedent("""
 
 
 EXPERT_PARALLEL_SCRIPT = textwrap.dedent("""
+    import re
     import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
     from k2jax.config import MeshConfig
     from k2jax.model.expert_parallel import (buffer_rows, dispatch_all_gather, dispatch_all_to_all,
-                                             expert_parallel_specs)
+                                             dispatch_local, expert_parallel_specs, splits_experts)
     from k2jax.model.grouped import dispatch_ragged
     from k2jax.parallel.sharding import make_mesh
 
@@ -179,9 +192,36 @@ EXPERT_PARALLEL_SCRIPT = textwrap.dedent("""
                 lowering_platforms=(platform,)).as_text()
         assert text.count("@ragged_all_to_all") == 4, (platform, text.count("@ragged_all_to_all"))
 
-    # no expert axis, or experts that do not split over it: the caller keeps the one-device path
-    assert expert_parallel_specs(n, (e, d, f), make_mesh(MeshConfig(data=2, fsdp=4))) is None
-    assert expert_parallel_specs(n, (6, d, f), make_mesh(MeshConfig(data=1, expert=8))) is None
+    # no expert axis to split the experts: each shard runs its own tokens through all experts, and
+    # nothing all-reduces the global token copies (N*K, D) or outputs (N, D), as the GSPMD partition
+    # of the one-device dispatch does; FSDP weight gradients are reduce-scattered, and only then
+    # summed over data (never all-reduced at their whole (E, D, F) size)
+    def all_reduces(text, shapes):
+        return [line for line in text.splitlines()
+                if re.search(r" all-reduce(-start)?\\(", line) and re.search(rf"f32\\[({shapes})[,\\]]", line)]
+
+    for axes in [dict(data=8), dict(data=2, fsdp=4), dict(data=1, fsdp=4, tensor=2)]:
+        mesh = make_mesh(MeshConfig(**axes))
+        specs = expert_parallel_specs(n, (e, d, f), mesh)
+        assert specs is not None and not splits_experts(specs), (axes, specs)
+        local = lambda *a: dispatch_local(*a, mesh=mesh, specs=specs)  # noqa: E731
+        step = jax.jit(jax.value_and_grad(loss(local), argnums=grad_args)).lower(x, weights, *experts).compile()
+        check(step(x, weights, *experts), ref, f"local {axes}")
+        text = step.as_text()
+        assert not all_reduces(text, f"{n}|{n * k}"), (axes, all_reduces(text, f"{n}|{n * k}"))
+        assert ("reduce-scatter" in text) == ("fsdp" in axes), axes
+        assert "fsdp" not in axes or not all_reduces(text, f"{e},{d},{f}|{e},{f},{d}"), axes
+
+    assert expert_parallel_specs(n, (e, d, f), make_mesh(MeshConfig(data=2, fsdp=4))) == (
+        P(("data", "fsdp"), None), P(None, "fsdp", None), P(None, None, "fsdp"))
+    # experts that do not split over the expert axis stay whole, next to tokens split over it
+    specs = expert_parallel_specs(n, (6, d, f), make_mesh(MeshConfig(data=1, expert=8)))
+    assert specs[0][0] == "expert" and not splits_experts(specs), specs
+    # tokens not split (one device, tensor only), or experts split but not the tokens: the caller
+    # keeps the one-device path, left to GSPMD
+    for axes, rows in [(dict(data=1), n), (dict(data=1, tensor=8), n), (dict(data=2, expert=4), 2)]:
+        devices = jax.devices()[:np.prod(list(axes.values()))]
+        assert expert_parallel_specs(rows, (e, d, f), make_mesh(MeshConfig(**axes), devices)) is None, axes
     print("EXPERT-PARALLEL-OK")
 """)
 
@@ -248,9 +288,11 @@ def test_train_step_on_several_meshes_matches_one_device():
 
 
 def test_expert_parallel_dispatch_matches_one_device_without_rematerialization():
-    """Values and gradients equal the one-device ragged dispatch on three meshes, and GSPMD
-    never falls back to replicating and re-partitioning a tensor (its "Involuntary full
-    rematerialization" warning, which the plain GSPMD dispatch triggered for expert weights)."""
+    """Values and gradients equal the one-device ragged dispatch: with the experts split over
+    the expert axis on three meshes, and with each shard's tokens run locally on three meshes
+    without one (no all-reduce of the token buffers); and GSPMD never falls back to replicating
+    and re-partitioning a tensor (its "Involuntary full rematerialization" warning, which the
+    plain GSPMD dispatch triggered for expert weights)."""
     out = _run(EXPERT_PARALLEL_SCRIPT)
     assert "EXPERT-PARALLEL-OK" in out, out
     assert "Involuntary full rematerialization" not in out, out

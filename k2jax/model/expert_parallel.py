@@ -1,4 +1,4 @@
-"""Dropless expert parallelism with explicit collectives under shard_map.
+"""Dropless MoE dispatch under shard_map with explicit collectives, on meshes that split the tokens.
 
 With the experts split over the mesh's `expert` axis (ep shards of E/ep experts), each shard
 runs its own experts on the token copies routed to them, by one of two exchanges:
@@ -12,10 +12,15 @@ runs its own experts on the token copies routed to them, by one of two exchanges
   inflow (0: the worst case, every copy of the group; dropless); copies past a full buffer
   are dropped and reported.
 
-FSDP shards of the expert weights are all-gathered inside (their gradients reduce-scattered
-by AD); a tensor-split FFN width is summed with psum. XLA:CPU has no ragged-all-to-all, so
-on CPU the exchange runs as `_ragged_all_to_all_by_gather` (the primitive's documented
-semantics from all-gathers), which is how the tests check the bookkeeping on fake devices.
+Without that split (no expert axis, or experts it does not divide), `dispatch_local` runs each
+shard's own tokens through all experts: no exchange of tokens at all (GSPMD, left to partition
+the global sort by expert, all-reduces the whole buffer of token copies instead).
+
+In all three, FSDP shards of the expert weights are all-gathered inside (their gradients
+reduce-scattered by AD); a tensor-split FFN width is summed with psum. XLA:CPU has no
+ragged-all-to-all, so on CPU the exchange runs as `_ragged_all_to_all_by_gather` (the
+primitive's documented semantics from all-gathers), which is how the tests check the
+bookkeeping on fake devices.
 """
 
 from __future__ import annotations
@@ -34,26 +39,64 @@ AXIS = "expert"
 
 
 def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mesh):
-    """Token and expert-weight PartitionSpecs for the dispatches here, or None when the mesh
-    does not split both the tokens and the experts over its expert axis."""
-    if AXIS not in mesh.axis_names or mesh.shape[AXIS] == 1:
+    """Token and expert-weight PartitionSpecs for the dispatches here, or None when the mesh does
+    not split the tokens, or splits the experts over its expert axis but not the tokens."""
+    if mesh.empty:
         return None
     tokens = logical_spec(("batch", "norm"), (n_tokens, 1), mesh)
     w_in = logical_spec(("experts", "embed", "expert_mlp"), expert_shape, mesh)
-    if AXIS not in spec_axes(tokens[0]) or w_in[0] != AXIS:
+    if tokens[0] is None or (w_in[0] == AXIS and AXIS not in spec_axes(tokens[0])):
         return None
     w_out = logical_spec(("experts", "expert_mlp", "embed"), expert_shape[:1] + expert_shape[:0:-1], mesh)
     return tokens, w_in, w_out
 
 
-def _whole_experts(w_gate, w_up, w_down, w_in, w_out):
-    """Gather the FSDP shards of this shard's experts: whole d_model rows."""
+def splits_experts(specs) -> bool:
+    """Whether the experts are split over the expert axis (all-gather / all-to-all), or whole
+    on every shard (`dispatch_local`)."""
+    return specs[1][0] == AXIS
+
+
+def _varying(a, axes: tuple[str, ...], spec):
+    """a (laid out by spec) marked as varying over those of axes that do not split it: AD then
+    sums its gradient over them right here, at a's shape, rather than at the first (larger)
+    value that mixes it with varying ones."""
+    split = {axis for entry in spec for axis in spec_axes(entry)}
+    axes = tuple(axis for axis in axes if axis not in split)
+    return jax.lax.pcast(a, axes, to="varying") if axes else a
+
+
+def _whole_experts(w_gate, w_up, w_down, specs):
+    """Gather the FSDP shards of this shard's experts: whole d_model rows. Marked first as
+    varying over the token axes that do not split them (data, say), so that AD reduce-scatters
+    their gradients to FSDP shards before summing them over those axes, at 1/fsdp the size."""
+    tokens, w_in, w_out = specs
+    rows = spec_axes(tokens[0])
+    w_gate, w_up = _varying(w_gate, rows, w_in), _varying(w_up, rows, w_in)
+    w_down = _varying(w_down, rows, w_out)
     for axis in spec_axes(w_in[1]):
         w_gate = jax.lax.all_gather(w_gate, axis, axis=1, tiled=True)
         w_up = jax.lax.all_gather(w_up, axis, axis=1, tiled=True)
     for axis in spec_axes(w_out[2]):
         w_down = jax.lax.all_gather(w_down, axis, axis=2, tiled=True)
     return w_gate, w_up, w_down
+
+
+def _tensor(specs) -> tuple[str, ...]:
+    """The mesh axes that split the expert FFN width (each shard computes partial sums)."""
+    return spec_axes(specs[1][2])
+
+
+def _split_width(x, specs):
+    """This shard's tokens (N/shards, D) as input to a tensor-split FFN width: AD then sums
+    the partial gradients once, at this shape, not at every buffer of token copies."""
+    return _varying(x, _tensor(specs), specs[0])
+
+
+def _sum_tensor(y, specs):
+    """Sum the partial outputs of a tensor-split expert FFN width."""
+    tensor = _tensor(specs)
+    return jax.lax.psum(y, tensor) if tensor else y
 
 
 def _shard_map(local, mesh, specs, out_specs, *args):
@@ -63,19 +106,31 @@ def _shard_map(local, mesh, specs, out_specs, *args):
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
+def dispatch_local(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
+    """Each shard's own tokens through all experts: `dispatch_all_gather` without the exchange.
+    x (N, D), ids/weights (N, K), experts (E, D, F)/(E, F, D) -> (N, D), dropped fraction (0)."""
+
+    def local(x, ids, weights, w_gate, w_up, w_down):
+        experts = _whole_experts(w_gate, w_up, w_down, specs)
+        y, _ = dispatch_ragged(_split_width(x, specs), ids, weights, *experts, impl)  # (N/shards, D)
+        return _sum_tensor(y, specs)
+
+    y = _shard_map(local, mesh, specs, P(specs[0][0], None), x, ids, weights, w_gate, w_up, w_down)
+    return y, jnp.zeros((), jnp.float32)
+
+
 def dispatch_all_gather(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
     """x (N, D), ids/weights (N, K), experts (E, D, F)/(E, F, D) -> (N, D), dropped fraction (0):
     the same result as `grouped.dispatch_ragged` on one device."""
-    tensor = spec_axes(specs[1][2])
 
     def local(x, ids, weights, w_gate, w_up, w_down):
-        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs[1], specs[2])
+        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs)
         gather = lambda a: jax.lax.all_gather(a, AXIS, axis=0, tiled=True)  # noqa: E731
         first_expert = jax.lax.axis_index(AXIS) * w_gate.shape[0]
-        y, _ = dispatch_ragged(gather(x), gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down,
-                               impl)
+        x = gather(_split_width(x, specs))  # (N_group, D)
+        y, _ = dispatch_ragged(x, gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down, impl)
         y = jax.lax.psum_scatter(y, AXIS, scatter_dimension=0, tiled=True)  # (N/ep, D) of own tokens
-        return jax.lax.psum(y, tensor) if tensor else y
+        return _sum_tensor(y, specs)
 
     token_spec = P(specs[0][0], None)
     y = _shard_map(local, mesh, specs, token_spec, x, ids, weights, w_gate, w_up, w_down)
@@ -124,11 +179,11 @@ def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl
     buffer_factor is 0). Copies are accepted in (source shard, expert) order, so a full
     buffer drops the tail of the last sources' copies.
     """
-    tensor = spec_axes(specs[1][2])
     ep = mesh.shape[AXIS]
 
     def local(x, ids, weights, w_gate, w_up, w_down):
-        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs[1], specs[2])
+        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs)
+        x = _split_width(x, specs)
         n, k = ids.shape  # this shard's tokens
         e_local = w_gate.shape[0]
         flat = ids.reshape(-1)
@@ -160,7 +215,7 @@ def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl
         y = jnp.zeros_like(back).at[order].set(back).reshape(n, k, -1)  # dropped copies are zero
         y = jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))
         dropped = (n * k - jnp.sum(send_sizes)).astype(jnp.float32)[None]  # (1,) per shard
-        return (jax.lax.psum(y, tensor) if tensor else y), dropped
+        return _sum_tensor(y, specs), dropped
 
     token_axes = specs[0][0]
     y, dropped = _shard_map(local, mesh, specs, (P(token_axes, None), P(token_axes)), x, ids, weights, w_gate,

@@ -1,9 +1,10 @@
 """Mixture-of-Experts FFN: DeepSeek-V3 routing, dropless ragged dispatch, capacity dispatch.
 
 Routing is a pure function (`route`); expert compute either sorts token copies by
-expert and runs a grouped matmul (`grouped.py`; dropless, default; with explicit
-collectives over the mesh's expert axis when the experts are sharded:
-`expert_parallel.py`) or packs them into
+expert and runs a grouped matmul (`grouped.py`; dropless, default; on a mesh that
+splits the tokens, under shard_map with explicit collectives: `expert_parallel.py`,
+which exchanges token copies over the expert axis when the experts are split over it
+and otherwise runs each shard's tokens locally) or packs them into
 fixed-capacity (E, C, D) buffers with one-hot einsums (the GSPMD expert-parallel
 form, which drops overflow). The aux-loss-free balancing bias lives in a
 RouterBias variable that the optimizer never sees; `update_router_bias` is the
@@ -20,7 +21,8 @@ from flax import nnx
 
 from k2jax.config import ModelConfig
 from k2jax.model.layers import SwiGLU, dtype_of, make_param
-from k2jax.model.expert_parallel import dispatch_all_gather, dispatch_all_to_all, expert_parallel_specs
+from k2jax.model.expert_parallel import (dispatch_all_gather, dispatch_all_to_all, dispatch_local,
+                                         expert_parallel_specs, splits_experts)
 from k2jax.model.grouped import dispatch_ragged, grouped_matmul_impl
 
 
@@ -110,6 +112,8 @@ class MoE(nnx.Module):
             y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, cfg.capacity_factor)
         elif ep_specs is None:
             y, dropped = dispatch_ragged(xf, ids, weights, *experts, impl)
+        elif not splits_experts(ep_specs):
+            y, dropped = dispatch_local(xf, ids, weights, *experts, mesh, ep_specs, impl)
         elif cfg.expert_parallel == "all_to_all":
             y, dropped = dispatch_all_to_all(xf, ids, weights, *experts, mesh, ep_specs, impl,
                                              cfg.expert_buffer_factor)

@@ -21,7 +21,8 @@ KIMI_K2 = ModelConfig(
                     mscale=1.0, mscale_all_dim=1.0),
     num_experts=384, experts_per_token=8, num_shared_experts=1, expert_ffn_dim=2048,
     router="sigmoid_bias", num_expert_groups=1, top_groups=1, routed_scaling_factor=2.827,
-    norm_topk_prob=True, rms_eps=1e-6, tie_embeddings=False, param_dtype="bfloat16", remat="full",
+    norm_topk_prob=True, rms_eps=1e-6, tie_embeddings=False, remat="full",
+    param_dtype="float32", compute_dtype="bfloat16",  # float32 master weights and optimizer state
 )
 
 DEEPSEEK_V3 = dataclasses.replace(

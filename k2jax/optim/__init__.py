@@ -17,6 +17,7 @@ from k2jax.config import OptimConfig
 from k2jax.optim.muon import MUON, muon_or_adamw, rule_of
 from k2jax.optim.qk_clip import QKClipState, qk_clip
 from k2jax.optim.schedules import make_schedule
+from k2jax.parallel.sharding import spec_text
 from k2jax.params import ParamInfo
 
 __all__ = ["muonclip", "make_optimizer", "make_schedule", "qk_clip", "qk_clip_metrics", "describe"]
@@ -59,15 +60,23 @@ def qk_clip_metrics(opt_state) -> dict:
     return {"clipped_heads": found[0].clipped_heads, "min_gamma": found[0].min_gamma} if found else {}
 
 
-def describe(param_infos, optimizer: str = "muonclip") -> list[tuple[str, str, str, str]]:
-    """(path, logical axes, update rule, qk-clip role) per parameter, for `k2jax info --params`."""
+def describe(param_infos, optimizer: str = "muonclip", shardings=None) -> list[tuple[str, ...]]:
+    """(path, logical axes, update rule, qk-clip role[, placement]) per parameter, for `k2jax info
+    --params`; the placement (mesh axes per dimension) when given the parameters' shardings
+    (k2jax.parallel.sharding.param_shardings)."""
+    flat = jax.tree_util.tree_flatten_with_path(param_infos, is_leaf=lambda x: isinstance(x, ParamInfo))[0]
+    if shardings is None:
+        placements = [()] * len(flat)
+    else:
+        placements = [(spec_text(s.spec),) for s in jax.tree.leaves(shardings)]
     rows = []
-    for path, info in jax.tree_util.tree_flatten_with_path(param_infos, is_leaf=lambda x: isinstance(x, ParamInfo))[0]:
+    for (path, info), placement in zip(flat, placements):
         rule = rule_of(info, use_muon=optimizer != "adamw")
         if rule == MUON:
             rule = f"muon(in={','.join(info.axes[i] for i in info.reduction_axes)})"
         clip = "-"
         if optimizer == "muonclip" and info.qk:
             clip = "+".join(f"{role}:{w}" for role, w in info.qk) + f" @{info.qk_stats}"
-        rows.append(("/".join(str(getattr(k, "key", k)) for k in path), "(" + ",".join(info.axes) + ")", rule, clip))
+        path_text = "/".join(str(getattr(k, "key", k)) for k in path)
+        rows.append((path_text, "(" + ",".join(info.axes) + ")", rule, clip, *placement))
     return rows

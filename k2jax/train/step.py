@@ -1,10 +1,14 @@
 """Pure, jit-compiled train and eval steps over a plain-pytree train state.
 
 The train state is a dict of arrays (what orbax saves):
-  step: int32 scalar; params: nested dict of float32 master weights;
-  opt_state: the optax state; model_state: non-trained model variables
-  (router balancing biases); rng: uint32 key data.
+  step: int32 scalar; params: nested dict of master weights (float32, or
+  bfloat16 under model.param_dtype=bfloat16); opt_state: the optax state;
+  model_state: non-trained model variables (router balancing biases);
+  rng: uint32 key data.
 The model structure (nnx graphdef) is static and rebuilt with nnx.merge inside.
+Gradients are summed over micro-batches in float32 whatever the parameters'
+dtype, and reach the optimizer in the parameters' dtype, so that its state
+keeps the dtype it was created with.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from k2jax.config import Config, ConfigError
 from k2jax.model.transformer import Transformer
@@ -119,16 +123,19 @@ def _with_mesh(mesh):
     return wrap
 
 
+def valid_tokens(batch: Batch):
+    """Tokens that count in the loss (not padding), at least 1: float32 scalar."""
+    return jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
+
+
 def _split_micro(batch: Batch, n: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def make_train_step(cfg: Config, setup: TrainSetup):
-    """Jitted train_step(state, batch) -> (state, metrics), sharded per setup; gradient accumulation
-    over cfg.train.grad_accum micro-batches. The state argument is donated."""
-    graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
-    n_micro = cfg.train.grad_accum
-    bias_rate = cfg.model.bias_update_rate
+def _accumulated_grads(cfg: Config, setup: TrainSetup):
+    """grads_fn(params, model_state, batch) -> (grads, summed token NLL, merged stats): the forward
+    and backward pass over cfg.train.grad_accum micro-batches, gradients summed in float32."""
+    graphdef, n_micro = setup.graphdef, cfg.train.grad_accum
 
     def micro_loss(params, model_state, micro, n_valid):
         nll_sum, count, stats = _forward(graphdef, params, model_state, micro)
@@ -137,31 +144,80 @@ def make_train_step(cfg: Config, setup: TrainSetup):
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    @_with_mesh(setup.mesh)
-    def train_step(state, batch: Batch):
-        params, model_state = state["params"], state["model_state"]
-        n_valid = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
+    def grads_fn(params, model_state, batch: Batch):
+        n_valid = valid_tokens(batch)
 
         def accumulate(carry, micro):
             grads, nll_total, stats_acc = carry
             (_, (nll_sum, stats)), g = grad_fn(params, model_state, micro, n_valid)
-            grads = jax.tree.map(jnp.add, grads, g)
+            grads = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grads, g)
             stats_acc = _merge_stats(stats_acc, stats) if stats_acc is not None else stats
             return (grads, nll_total + nll_sum, stats_acc), None
 
         micros = _split_micro(batch, n_micro)
         first = jax.tree.map(lambda x: x[0], micros)
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         carry, _ = accumulate((zeros, 0.0, None), first)
         if n_micro > 1:
             rest = jax.tree.map(lambda x: x[1:], micros)
             carry, _ = jax.lax.scan(accumulate, carry, rest)
-        grads, nll_total, stats = carry
+        return carry
 
-        updates, opt_state = tx.update(grads, state["opt_state"], params, attn_max_logits=stats["max_logits"])
-        new_params = optax.apply_updates(params, updates)
+    return grads_fn
 
-        model = nnx.merge(graphdef, new_params, model_state)
+
+def _apply_update(setup: TrainSetup, state: dict, grads, max_logits):
+    """The optimizer step: (new params, new optimizer state). The gradients are cast to the
+    parameters' dtype first, so that the optimizer state keeps its own."""
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"], attn_max_logits=max_logits)
+    return optax.apply_updates(state["params"], updates), opt_state
+
+
+def _check_batch_split(cfg: Config, mesh: Mesh) -> NamedSharding:
+    """The batch's sharding, after checking that every micro-batch splits over the data axes."""
+    data_parallel = math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+    if (cfg.train.batch_size // cfg.train.grad_accum) % data_parallel:
+        raise ConfigError(f"train.batch_size: micro-batches of {cfg.train.batch_size // cfg.train.grad_accum} rows "
+                          f"do not split over the {data_parallel} data-parallel devices of the mesh "
+                          "(data x fsdp x expert)")
+    return batch_sharding(mesh, (cfg.train.batch_size, cfg.data.seq_len))
+
+
+def make_grad_step(cfg: Config, setup: TrainSetup):
+    """The train step's first half alone, jitted with its shardings (for `k2jax plan`):
+    (params, model_state, batch) -> (grads, summed token NLL, stats)."""
+    batch_sh = _check_batch_split(cfg, setup.mesh)
+    sh = setup.shardings
+    return jax.jit(_with_mesh(setup.mesh)(_accumulated_grads(cfg, setup)),
+                   in_shardings=(sh["params"], sh["model_state"], batch_sh),
+                   out_shardings=(sh["params"], replicated(setup.mesh), replicated(setup.mesh)))
+
+
+def make_update_step(setup: TrainSetup):
+    """The train step's second half alone, jitted with its shardings (for `k2jax plan`):
+    (state, grads, max_logits) -> (params, opt_state); the state is donated."""
+    sh = setup.shardings
+    return jax.jit(functools.partial(_apply_update, setup),
+                   in_shardings=(sh, sh["params"], replicated(setup.mesh)),
+                   out_shardings=(sh["params"], sh["opt_state"]), donate_argnums=(0,))
+
+
+def make_train_step(cfg: Config, setup: TrainSetup):
+    """Jitted train_step(state, batch) -> (state, metrics), sharded per setup; gradient accumulation
+    over cfg.train.grad_accum micro-batches. The state argument is donated."""
+    graphdef, schedule = setup.graphdef, setup.schedule
+    n_micro = cfg.train.grad_accum
+    bias_rate = cfg.model.bias_update_rate
+    grads_fn = _accumulated_grads(cfg, setup)
+
+    @_with_mesh(setup.mesh)
+    def train_step(state, batch: Batch):
+        n_valid = valid_tokens(batch)
+        grads, nll_total, stats = grads_fn(state["params"], state["model_state"], batch)
+        new_params, opt_state = _apply_update(setup, state, grads, stats["max_logits"])
+
+        model = nnx.merge(graphdef, new_params, state["model_state"])
         model.update_router_biases(stats["expert_counts"], bias_rate)
         _, _, new_model_state = nnx.split(model, nnx.Param, ...)
 
@@ -187,11 +243,7 @@ def make_train_step(cfg: Config, setup: TrainSetup):
         }
         return new_state, metrics
 
-    data_parallel = math.prod(setup.mesh.shape[a] for a in LOGICAL_RULES["batch"])
-    if (cfg.train.batch_size // n_micro) % data_parallel:
-        raise ConfigError(f"train.batch_size: micro-batches of {cfg.train.batch_size // n_micro} rows do not split "
-                          f"over the {data_parallel} data-parallel devices of the mesh (data x fsdp x expert)")
-    batch_sh = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
+    batch_sh = _check_batch_split(cfg, setup.mesh)
     return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, replicated(setup.mesh)),
                    donate_argnums=(0,))
 

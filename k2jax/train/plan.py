@@ -1,0 +1,206 @@
+"""Fit and cost of a training job on a TPU slice, from a CPU: `k2jax plan CONFIG --topology v5p:8x8x8`.
+
+The train step is compiled by XLA's TPU compiler for the slice's devices (libtpu, no TPU):
+whole, and as its two halves (forward+backward with gradient accumulation; the optimizer
+update), so a failure says which half fails and by how much. Per device it reports what
+the compiler reserves in HBM, the matmul FLOPs and collective bytes of the optimized
+program with loops multiplied out (`hlo_stats`; XLA's own cost analysis counts loop bodies
+once), the model's FLOPs and one copy of Muon's Newton-Schulz FLOPs for comparison, and a
+lower bound on the step time from the chip's peak FLOP/s and interconnect bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import numpy as np
+
+from k2jax.config import Config
+from k2jax.optim.muon import newton_schulz_flops
+from k2jax.parallel.sharding import batch_sharding, make_mesh
+from k2jax.parallel.topology import Slice, tpu_slice
+from k2jax.platform import lowering_for
+from k2jax.train import hlo_stats
+from k2jax.train.flops import flops_per_token, param_counts
+from k2jax.train.step import abstract_train_state, make_grad_step, make_train_step, make_update_step
+
+PARTS = ("step", "grads", "update")
+
+
+@dataclasses.dataclass
+class PartReport:
+    """One compiled program (or the compiler's refusal) on one device of the slice."""
+
+    name: str
+    fits: bool
+    compile_seconds: float
+    hbm_bytes: float | None = None  # arguments + outputs - aliased + temporaries + code
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)
+    error: str | None = None  # the compiler's words when it refused
+    flops: float | None = None  # matmul FLOPs per device, loops multiplied out
+    compiler_flops: float | None = None  # XLA's cost_analysis (loop bodies counted once)
+    compiler_seconds: float | None = None  # XLA's optimal_seconds
+    kernel_calls: int | None = None
+    collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    loops: list[int] = dataclasses.field(default_factory=list)
+
+
+def abstract_batch(cfg: Config, mesh) -> dict:
+    """The train step's batch as ShapeDtypeStructs sharded over the mesh's data axes."""
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    return {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(mesh, shape))
+            for name in ("inputs", "targets", "segment_ids", "positions")}
+
+
+def _compile(name: str, jitted, args, hbm: int) -> PartReport:
+    started = time.perf_counter()
+    try:
+        with lowering_for("tpu"):
+            compiled = jitted.trace(*args).lower().compile()
+    except Exception as error:  # noqa: BLE001  (XlaRuntimeError: the compiler's refusal is the result)
+        text = str(error)
+        used = re.search(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm", text)
+        need = float(used.group(1)) * 1024 ** "KMGT".index(used.group(2)) * 1024 if used else None
+        return PartReport(name, False, time.perf_counter() - started, hbm_bytes=need,
+                          error="\n".join(text.strip().splitlines()[:6]))
+    seconds = time.perf_counter() - started
+    m = compiled.memory_analysis()
+    memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+              "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+              "code": m.generated_code_size_in_bytes}
+    need = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
+    cost = compiled.cost_analysis() or {}
+    stats = hlo_stats.analyze(compiled.as_text())
+    return PartReport(name, need <= hbm, seconds, need, memory, None, stats.flops, cost.get("flops"),
+                      cost.get("optimal_seconds"), stats.kernel_calls, stats.collective_bytes, stats.loops)
+
+
+def state_bytes_per_device(state) -> tuple[float, float]:
+    """(bytes one device holds of the abstract train state, bytes if every leaf split evenly)."""
+    held = total = 0.0
+    for leaf in jax.tree.leaves(state):
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        held += math.prod(shard) * leaf.dtype.itemsize
+        total += nbytes
+    return held, total / leaf.sharding.mesh.size
+
+
+def plan(cfg: Config, topology: str, parts=PARTS) -> dict:
+    """Compile cfg's train step (and/or its halves) for `topology`; a dict of what was found."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    tpu: Slice = tpu_slice(topology)
+    mesh = make_mesh(cfg.mesh, tpu.devices)
+    setup, state = abstract_train_state(cfg, mesh)
+    batch = abstract_batch(cfg, mesh)
+    devices = len(tpu.devices)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    held, even = state_bytes_per_device(state)
+    report = {
+        "config": {"parameters": param_counts(cfg.model), "optimizer": cfg.optim.name, "batch_size": cfg.train.batch_size,
+                   "seq_len": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum},
+        "topology": topology, "devices": devices, "chips": tpu.chips, "mesh": dict(mesh.shape),
+        "hbm_per_device": tpu.hbm_per_device,
+        "peak_flops_per_device": tpu.chip.peak_bf16 / tpu.devices_per_chip,
+        "ici_bytes_per_s_per_device": tpu.chip.ici_bandwidth / tpu.devices_per_chip,
+        "state_bytes_per_device": held, "state_bytes_if_even": even,
+        "model_flops_per_device": flops_per_token(cfg.model, cfg.data.seq_len)["total"] * tokens / devices,
+        "newton_schulz_flops_one_copy": newton_schulz_flops(setup.infos, state["params"], cfg.optim.ns_steps,
+                                                            use_muon=cfg.optim.name != "adamw"),
+        "parts": {},
+    }
+    programs = {
+        "step": lambda: (make_train_step(cfg, setup), (state, batch)),
+        "grads": lambda: (make_grad_step(cfg, setup), (state["params"], state["model_state"], batch)),
+        "update": lambda: (make_update_step(setup), (state, *_abstract_grads(cfg, setup, state, batch))),
+    }
+    for name in parts:
+        jitted, args = programs[name]()
+        report["parts"][name] = dataclasses.asdict(_compile(name, jitted, args, tpu.hbm_per_device))
+    report["bounds"] = _time_bounds(report)
+    return report
+
+
+def _abstract_grads(cfg, setup, state, batch):
+    """The update step's other inputs (gradients, max logits) as the grads half outputs them."""
+    grads, _, stats = jax.eval_shape(make_grad_step(cfg, setup), state["params"], state["model_state"], batch)
+    grads = jax.tree.map(lambda g, p: jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=p.sharding),
+                         grads, state["params"])
+    return grads, stats["max_logits"]
+
+
+def _time_bounds(report: dict) -> dict:
+    """Lower bounds on the whole step's time per device: matmuls at peak, collectives at the
+    interconnect's bandwidth, the larger of the two (perfect overlap), and the MFU it implies."""
+    step = report["parts"].get("step")
+    if not step or step["flops"] is None:
+        return {}
+    # kernels' FLOPs are not in the HLO count, so the model's own FLOPs bound the work from below too
+    compute = max(step["flops"], report["model_flops_per_device"]) / report["peak_flops_per_device"]
+    comm = sum(step["collective_bytes"].values()) / report["ici_bytes_per_s_per_device"]
+    bound = max(compute, comm)
+    return {"compute_seconds": compute, "collective_seconds": comm, "step_seconds": bound,
+            "mfu_at_bound": report["model_flops_per_device"] / (bound * report["peak_flops_per_device"]),
+            "compiler_seconds": step["compiler_seconds"]}
+
+
+def format_report(report: dict) -> str:
+    """The report as a person reads it."""
+    c = report["config"]
+    hbm = report["hbm_per_device"]
+    lines = [
+        f"{_billions(c['parameters']['total'])} parameters ({_billions(c['parameters']['activated'])} activated) "
+        f"with {c['optimizer']} on {report['topology']}: {report['devices']} devices "
+        f"({report['chips']} chips), mesh {report['mesh']}, batch {c['batch_size']} x {c['seq_len']} tokens "
+        f"in {c['grad_accum']} micro-batches",
+        f"HBM per device {_bytes(hbm)}; train state per device {_bytes(report['state_bytes_per_device'])} "
+        f"(if every array split evenly: {_bytes(report['state_bytes_if_even'])})",
+        f"model FLOPs per device {report['model_flops_per_device']:.3g}; Newton-Schulz FLOPs of one copy of "
+        f"the update {report['newton_schulz_flops_one_copy']:.3g} (ideal per device: "
+        f"{report['newton_schulz_flops_one_copy'] / report['devices']:.3g})",
+        "",
+        f"{'part':7s} {'fits':4s} {'HBM needed':>12s} {'temporaries':>12s} {'matmul FLOPs':>13s} "
+        f"{'kernels':>7s} {'collectives':>12s}  compile",
+    ]
+    for name, p in report["parts"].items():
+        need = _bytes(p["hbm_bytes"]) if p["hbm_bytes"] is not None else "?"
+        if p["error"]:
+            lines.append(f"{name:7s} {'NO':4s} {need:>12s}  the compiler: {p['error'].splitlines()[0][:160]}")
+            continue
+        lines.append(f"{name:7s} {'yes' if p['fits'] else 'NO':4s} {need:>12s} {_bytes(p['memory']['temporaries']):>12s} "
+                     f"{p['flops']:13.3g} {p['kernel_calls']:7d} {_bytes(sum(p['collective_bytes'].values())):>12s}  "
+                     f"{p['compile_seconds']:.0f} s")
+    for name, p in report["parts"].items():
+        if p["collective_bytes"]:
+            kinds = ", ".join(f"{k} {_bytes(v)}" for k, v in sorted(p["collective_bytes"].items()))
+            lines.append(f"  {name} collectives per device: {kinds}")
+    update = report["parts"].get("update")
+    if update and update["flops"] and report["newton_schulz_flops_one_copy"]:
+        lines.append(f"  update matmul FLOPs per device / one copy of Newton-Schulz: "
+                     f"{update['flops'] / report['newton_schulz_flops_one_copy']:.1%} "
+                     f"(ideal {1 / report['devices']:.1%})")
+    b = report.get("bounds")
+    if b:
+        xla = b["compiler_seconds"]
+        lines.append(f"step time >= {b['step_seconds'] * 1e3:,.1f} ms (matmuls at peak {b['compute_seconds'] * 1e3:,.1f} ms, "
+                     f"collectives at ICI bandwidth {b['collective_seconds'] * 1e3:,.1f} ms); MFU at that bound "
+                     f"{b['mfu_at_bound']:.1%}; XLA's own estimate "
+                     + (f"{xla * 1e3:,.1f} ms" if xla and xla > 0 else f"unusable ({xla})"))
+    return "\n".join(lines)
+
+
+def _billions(n: float) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e8 else f"{n / 1e6:.3g}M"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:.0f} B"
