@@ -96,9 +96,11 @@ class ModelConfig:
     # all_to_all receive buffer, in multiples of a shard's balanced inflow (tokens x K); copies
     # past a full buffer are dropped (dropped_fraction). 0: the worst case, never drops.
     expert_buffer_factor: float = 0.0
-    # Grouped matmul of the ragged dispatch: jax.lax.ragged_dot, or batched matmuls over
-    # expert-pure row tiles (k2jax's own; "auto" uses it on CPU, where ragged_dot is dense).
-    grouped_matmul: Literal["auto", "ragged_dot", "tiled"] = "auto"
+    # Grouped matmul of the ragged dispatch: jax.lax.ragged_dot ("auto" on GPU), batched matmuls
+    # over expert-pure row tiles (k2jax's own; "auto" on CPU, where ragged_dot is dense), or JAX's
+    # megablox Pallas kernels ("auto" on TPU, where ragged_dot's weight gradient is dense;
+    # interpreted elsewhere).
+    grouped_matmul: Literal["auto", "ragged_dot", "tiled", "megablox"] = "auto"
 
     rms_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -195,6 +197,9 @@ class OptimConfig:
     # dtype of the Newton-Schulz iterations: optax's float32, or bfloat16 as K2 ran them
     ns_dtype: Literal["float32", "bfloat16"] = "float32"
     rms_scale: float = 0.2  # update RMS = rms_scale * sqrt(max(A, B)) matching
+    # on a mesh of several devices: "owner" orthogonalises every matrix once, on one device, with
+    # explicit all-to-alls (k2jax/optim/owner.py); "gspmd" leaves the partitioning to XLA
+    muon_sharding: Literal["owner", "gspmd"] = "owner"
     # AdamW (also the non-matrix branch of Muon/MuonClip)
     adam_b1: float = 0.9
     adam_b2: float = 0.95

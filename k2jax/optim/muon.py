@@ -18,6 +18,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
+from k2jax.optim.owner import owner_newton_schulz_tree
 from k2jax.params import ParamInfo
 
 MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
@@ -88,31 +89,42 @@ def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def scale_by_newton_schulz(infos, ns_coeffs, ns_steps: int, dtype) -> optax.GradientTransformation:
-    """Orthogonalise each Muon update (already momentum-averaged) with Newton-Schulz computed in
-    `dtype`, one matrix per slice of its dimension numbers; the result is cast back."""
+def newton_schulz_tree(infos, ns_coeffs, ns_steps: int, dtype):
+    """updates -> updates: each Muon update (MaskedNode elsewhere) orthogonalised with Newton-Schulz
+    computed in `dtype`, one matrix per slice of its dimension numbers, and cast back."""
     coeffs = jnp.asarray(ns_coeffs, dtype)
 
+    def orthogonalise(u, info):
+        if _skip_masked(u):
+            return u
+        return orthogonalize_via_newton_schulz(u.astype(dtype), coeffs, ns_steps,
+                                               dimension_numbers=dimension_numbers(info)).astype(u.dtype)
+
+    return lambda updates: jax.tree.map(orthogonalise, updates, infos, is_leaf=_skip_masked)
+
+
+def scale_by_muon_with(orthogonalise, **muon_kwargs) -> optax.GradientTransformation:
+    """optax's Muon momentum and normalisation (scale_by_muon with no iterations), then
+    `orthogonalise(updates)`. The state is optax's MuonState whichever orthogonalisation follows,
+    so checkpoints move between meshes and iteration dtypes."""
+    muon = scale_by_muon(ns_steps=0, **muon_kwargs)
+
     def update_fn(updates, state, params=None):
-        del params
+        updates, state = muon.update(updates, state, params)
+        return orthogonalise(updates), state
 
-        def orthogonalise(u, info):
-            if _skip_masked(u):
-                return u
-            return orthogonalize_via_newton_schulz(u.astype(dtype), coeffs, ns_steps,
-                                                   dimension_numbers=dimension_numbers(info)).astype(u.dtype)
-
-        return jax.tree.map(orthogonalise, updates, infos, is_leaf=_skip_masked), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return optax.GradientTransformation(muon.init, update_fn)
 
 
 def muon_or_adamw(learning_rate, infos, *, use_muon=True, weight_decay=0.1, momentum=0.95, nesterov=True,
                   ns_steps=5, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_dtype="float32", rms_scale=0.2,
-                  adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8) -> optax.GradientTransformation:
+                  adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8,
+                  owner_mesh=None) -> optax.GradientTransformation:
     """optax.partition of Muon (matrices) and AdamW (everything else, or everything if not use_muon).
     ns_dtype: "float32" (optax's iterations) or "bfloat16" (optax's momentum and normalisation,
-    then the iterations in bfloat16)."""
+    then the iterations in bfloat16). owner_mesh: a mesh of several devices on which each matrix
+    is orthogonalised once, by its owner device (`owner.py`); None: optax's path as is (one
+    device, or GSPMD partitioning it)."""
     adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
     label_tree = labels(infos, use_muon)
 
@@ -123,12 +135,18 @@ def muon_or_adamw(learning_rate, infos, *, use_muon=True, weight_decay=0.1, mome
     adam = lambda wd: optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd)  # noqa: E731
     transforms = {ADAMW: adam(weight_decay), ADAMW_NO_DECAY: adam(0.0)}
     if use_muon:
-        in_optax = ns_dtype == "float32"
-        orthogonalise = [] if in_optax else [scale_by_newton_schulz(infos, ns_coeffs, ns_steps, jnp.dtype(ns_dtype))]
+        muon_kwargs = dict(ns_coeffs=ns_coeffs, beta=momentum, nesterov=nesterov,
+                           weight_dimension_numbers=masked_dim_nums)
+        dtype = jnp.dtype(ns_dtype)
+        if owner_mesh is not None:
+            muon = scale_by_muon_with(owner_newton_schulz_tree(infos, owner_mesh, ns_coeffs, ns_steps, dtype),
+                                      **muon_kwargs)
+        elif dtype == jnp.float32:  # optax's own iterations
+            muon = scale_by_muon(ns_steps=ns_steps, **muon_kwargs)
+        else:
+            muon = scale_by_muon_with(newton_schulz_tree(infos, ns_coeffs, ns_steps, dtype), **muon_kwargs)
         transforms[MUON] = optax.chain(
-            scale_by_muon(ns_coeffs=ns_coeffs, ns_steps=ns_steps if in_optax else 0, beta=momentum,
-                          nesterov=nesterov, weight_dimension_numbers=masked_dim_nums),
-            *orthogonalise,
+            muon,
             scale_by_rms_match(infos, rms_scale),
             optax.add_decayed_weights(weight_decay),
             optax.scale_by_learning_rate(learning_rate),

@@ -65,7 +65,7 @@ def _setup_and_init(cfg: Config, mesh: Mesh | None) -> tuple[TrainSetup, Callabl
     graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(seed))),
                                              nnx.Param, ...)
     infos = param_info(abstract_params)
-    tx = make_optimizer(cfg.optim, infos, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, infos, cfg.train.steps, mesh)
     abstract = jax.eval_shape(init)
     params_sh = param_shardings(infos, abstract["params"], mesh)
     shardings = {
