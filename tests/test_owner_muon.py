@@ -14,7 +14,8 @@ SCRIPT = textwrap.dedent("""
     from k2jax.model.presets import PRESETS
     from k2jax.model.transformer import Transformer
     from k2jax.optim import make_optimizer
-    from k2jax.optim.owner import owner_layout
+    from k2jax.optim.muon import newton_schulz_flops
+    from k2jax.optim.owner import _layouts, assign_owners, owner_layout
     from k2jax.parallel.sharding import make_mesh, opt_state_shardings, param_shardings
     from k2jax.params import param_info
 
@@ -63,11 +64,21 @@ SCRIPT = textwrap.dedent("""
         assert err < 1e-6, (axes, err)
         # no per-iteration all-reduce of a matrix: only the scalars of norms and QK-Clip
         assert not MATRIX_ALL_REDUCE.search(hlo), (axes, MATRIX_ALL_REDUCE.search(hlo).group(0))
+        assert " conditional(" in hlo, axes  # padding slots (a one-layer stack on 8 devices) are skipped
         # bfloat16 iterations: as far from float32 as the one-device bfloat16 path is
         got16, _ = two_steps("bfloat16", mesh)
         off16 = (worst(got16, ref["float32"]), worst(got16, ref["bfloat16"]))
         assert off16[0] < 1.25 * band and off16[1] < band, (axes, off16, band)
         print(axes, "float32 max rel err", err, "bfloat16 from float32 / from one-device bfloat16", off16)
+        # every matrix is orthogonalised exactly once across the mesh (padding slots skipped),
+        # and the rotations spread the one-layer stacks: the busiest device is near the mean
+        layouts = [layout for _, layout in _layouts(infos, jax.tree.leaves(params), mesh)]
+        _, load = assign_owners(layouts, mesh, 5)
+        one_copy = newton_schulz_flops(infos, params)
+        assert abs(load.sum() - one_copy) <= 1e-9 * one_copy, (axes, load.sum(), one_copy)
+        heaviest = 5 * max(layout.matrix_flops for layout in layouts)
+        assert load.max() <= load.mean() + heaviest, (axes, load.max(), load.mean(), heaviest)
+        print(axes, "busiest device / mean", load.max() / load.mean())
 
     # experts split only over the expert axis sit whole on their device: no traffic for them
     mesh = make_mesh(MeshConfig(data=1, expert=8))

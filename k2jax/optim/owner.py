@@ -20,6 +20,12 @@ flattens into one batch get all-gathered too). Here each parameter's update runs
 A matrix whose pieces all sit on one device (experts split only over the expert axis) has
 a group of one: it is orthogonalised where it is, with no traffic. Bytes moved per device
 per step: about twice the parameter's local size (there and back), never per iteration.
+
+Balance: a stack of M matrices padded to k G slots leaves k G - M devices a padding slot,
+which they skip (`lax.cond`: no iterations run on it). `assign_owners` rotates each padded
+stack so that its real matrices start where the devices carry the least work so far
+(greedy, most expensive matrices first): one-layer stacks (the dense layer) and stacks of
+fewer matrices than devices land on different devices instead of all on the first ones.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
@@ -48,6 +55,20 @@ class OwnerLayout:
     replicas: tuple[str, ...]  # mesh axes over which the parameter is replicated
     group: int  # devices sharing each local stack of matrices
     dimension_numbers: MuonDimensionNumbers  # of the (M, *matrix dims) layout
+    matrices: int  # M: matrices in each group's stack
+    matrix_flops: float  # Newton-Schulz FLOPs of one matrix, per iteration
+
+    @property
+    def slots(self) -> int:
+        """k: matrices each device orthogonalises (padding included)."""
+        return -(-self.matrices // self.group)
+
+
+def matrix_flops(a: int, b: int) -> float:
+    """One Newton-Schulz iteration on an (a, b) matrix: with m = min, n = max (optax iterates in
+    the wide orientation), X X^T (2 m^2 n), A A (2 m^3) and the product with X (2 m^2 n)."""
+    m, n = min(a, b), max(a, b)
+    return 4.0 * m * m * n + 2.0 * m ** 3
 
 
 def owner_layout(info: ParamInfo, shape: tuple[int, ...], mesh) -> OwnerLayout:
@@ -64,12 +85,53 @@ def owner_layout(info: ParamInfo, shape: tuple[int, ...], mesh) -> OwnerLayout:
     group = math.prod(mesh.shape[a] for _, a in exchanges) * math.prod(mesh.shape[a] for a in replicas)
     reduction = tuple(p for p, dim in enumerate(matrix, start=1) if dim in info.reduction_axes)
     output = tuple(p for p, dim in enumerate(matrix, start=1) if dim not in info.reduction_axes)
+    shards = lambda dim: math.prod(mesh.shape[a] for a in spec_axes(spec[dim]))  # noqa: E731
+    stack = math.prod(shape[d] // shards(d) for d in batch)
+    flops = matrix_flops(math.prod(shape[d] for d in info.reduction_axes),
+                         math.prod(shape[d] for d in matrix if d not in info.reduction_axes))
     return OwnerLayout(spec, batch + matrix, tuple(exchanges), replicas, group,
-                       MuonDimensionNumbers(reduction_axis=reduction, output_axis=output))
+                       MuonDimensionNumbers(reduction_axis=reduction, output_axis=output), stack, flops)
 
 
-def orthogonalise_owned(u, layout: OwnerLayout, mesh, orthogonalise):
-    """u: one parameter's (global) update; orthogonalise: (K, *matrix dims) -> same, per matrix."""
+def _group_positions(layout: OwnerLayout, mesh) -> np.ndarray:
+    """(devices,) each device's position in its group (mesh order), as the exchanges assign them:
+    the first exchanged axis most significant, replicas last."""
+    coords = np.indices(tuple(mesh.shape[a] for a in mesh.axis_names)).reshape(len(mesh.axis_names), -1)
+    at = dict(zip(mesh.axis_names, coords))
+    position = np.zeros(coords.shape[1], np.int64)
+    for axis in [a for _, a in layout.exchanges] + list(layout.replicas):
+        position = position * mesh.shape[axis] + at[axis]
+    return position
+
+
+def _real_slots(position, rotation: int, layout: OwnerLayout) -> np.ndarray:
+    """How many of each position's k slots hold a matrix when the stack starts at `rotation`."""
+    k, padded = layout.slots, layout.slots * layout.group
+    slots = position[..., None] * k + np.arange(k)
+    return np.sum((slots - rotation) % padded < layout.matrices, axis=-1)
+
+
+def assign_owners(layouts: list[OwnerLayout], mesh, steps: int) -> tuple[list[int], np.ndarray]:
+    """A rotation per layout (where its real matrices start among the padded slots), chosen
+    greedily, most expensive matrices first, to even out the work; and the resulting
+    Newton-Schulz FLOPs of every device."""
+    load = np.zeros(mesh.size)
+    rotations = [0] * len(layouts)
+    for i in sorted(range(len(layouts)), key=lambda i: -layouts[i].matrix_flops):
+        layout = layouts[i]
+        position = _group_positions(layout, mesh)
+        cost = steps * layout.matrix_flops
+        if layout.matrices % layout.group:
+            candidates = np.arange(layout.group) * layout.slots
+            extra = np.stack([cost * _real_slots(position, r, layout) for r in candidates])  # (G, devices)
+            rotations[i] = int(candidates[np.argmin(np.max(load + extra, axis=1))])
+        load += cost * _real_slots(position, rotations[i], layout)
+    return rotations, load
+
+
+def orthogonalise_owned(u, layout: OwnerLayout, mesh, orthogonalise, rotation: int = 0):
+    """u: one parameter's (global) update; orthogonalise: (K, *matrix dims) -> same, per matrix;
+    rotation: where the stack's real matrices start among its padded slots (`assign_owners`)."""
     inverse = tuple(sorted(range(len(layout.order)), key=layout.order.__getitem__))
     n_batch = len(layout.order) - len(layout.dimension_numbers.reduction_axis) - len(
         layout.dimension_numbers.output_axis)
@@ -78,23 +140,54 @@ def orthogonalise_owned(u, layout: OwnerLayout, mesh, orthogonalise):
         x = jnp.transpose(x, layout.order)
         lead = x.shape[:n_batch]
         x = x.reshape((math.prod(lead),) + x.shape[n_batch:])  # (M, *matrix dims)
-        m = x.shape[0]
-        padded = -(-m // layout.group) * layout.group
-        x = jnp.pad(x, [(0, padded - m)] + [(0, 0)] * (x.ndim - 1))
+        m, k = x.shape[0], layout.slots
+        x = jnp.roll(jnp.pad(x, [(0, k * layout.group - m)] + [(0, 0)] * (x.ndim - 1)), rotation, axis=0)
         for dim, axis in layout.exchanges:  # (M, pieces) -> (M / n, whole along dim)
             x = jax.lax.all_to_all(x, axis, 0, dim, tiled=True)
         if layout.replicas:  # each replica keeps its share
             share = x.shape[0] // math.prod(mesh.shape[a] for a in layout.replicas)
             x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(layout.replicas) * share, share)
-        x = orthogonalise(x)  # (M / G, *matrix dims): this device's own matrices
+        if m % layout.group:  # (k, *matrix dims): own matrices, some slots padding: skip those
+            slot = _device_position(layout, mesh) * k + jnp.arange(k)
+            real = (slot - rotation) % (k * layout.group) < m
+            x = jax.lax.map(lambda args: jax.lax.cond(args[1], lambda y: orthogonalise(y[None])[0], lambda y: y,
+                                                      args[0]), (x, real))
+        else:
+            x = orthogonalise(x)  # (k, *matrix dims): this device's own matrices
         if layout.replicas:
             x = jax.lax.all_gather(x, layout.replicas, axis=0, tiled=True)
         for dim, axis in reversed(layout.exchanges):
             x = jax.lax.all_to_all(x, axis, dim, 0, tiled=True)
-        x = x[:m].reshape(lead + x.shape[1:])
+        x = jnp.roll(x, -rotation, axis=0)[:m].reshape(lead + x.shape[1:])
         return jnp.transpose(x, inverse)
 
     return jax.shard_map(local, mesh=mesh, in_specs=layout.spec, out_specs=layout.spec, check_vma=False)(u)
+
+
+def _device_position(layout: OwnerLayout, mesh):
+    """This device's position in its group (traced; `_group_positions` for every device)."""
+    position = jnp.zeros((), jnp.int32)
+    for axis in [a for _, a in layout.exchanges] + list(layout.replicas):
+        position = position * mesh.shape[axis] + jax.lax.axis_index(axis)
+    return position
+
+
+def owner_newton_schulz_flops(infos, shapes, mesh, steps: int) -> float:
+    """Newton-Schulz FLOPs of the busiest device in one owner-sharded Muon update (padding
+    slots skipped); shapes: a tree like infos of arrays or ShapeDtypeStructs."""
+    leaves, _ = jax.tree.flatten(shapes)
+    return float(np.max(assign_owners([layout for _, layout in _layouts(infos, leaves, mesh)], mesh, steps)[1]))
+
+
+def _layouts(infos, leaves, mesh) -> list[tuple[int, OwnerLayout]]:
+    """(index among `leaves`, layout) of every Muon matrix; leaves: the flattened updates."""
+    flat_infos = jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, ParamInfo))
+    return [(i, owner_layout(info, u.shape, mesh)) for i, (u, info) in enumerate(zip(leaves, flat_infos))
+            if not _is_masked(u) and info.kind == "matrix"]
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def owner_newton_schulz_tree(infos, mesh, ns_coeffs, ns_steps: int, dtype):
@@ -103,15 +196,17 @@ def owner_newton_schulz_tree(infos, mesh, ns_coeffs, ns_steps: int, dtype):
     update's own sharding."""
     coeffs = jnp.asarray(ns_coeffs, dtype)
 
-    def owned(u, info):
-        if isinstance(u, optax.MaskedNode):
-            return u
-        layout = owner_layout(info, u.shape, mesh)
+    def tree(updates):
+        leaves, structure = jax.tree.flatten(updates, is_leaf=_is_masked)
+        found = _layouts(infos, leaves, mesh)
+        rotations, _ = assign_owners([layout for _, layout in found], mesh, ns_steps)
+        for (i, layout), rotation in zip(found, rotations):
 
-        def orthogonalise(x):
-            return orthogonalize_via_newton_schulz(x.astype(dtype), coeffs, ns_steps,
-                                                   dimension_numbers=layout.dimension_numbers).astype(x.dtype)
+            def orthogonalise(x, layout=layout):
+                return orthogonalize_via_newton_schulz(x.astype(dtype), coeffs, ns_steps,
+                                                       dimension_numbers=layout.dimension_numbers).astype(x.dtype)
 
-        return orthogonalise_owned(u, layout, mesh, orthogonalise)
+            leaves[i] = orthogonalise_owned(leaves[i], layout, mesh, orthogonalise, rotation)
+        return jax.tree.unflatten(structure, leaves)
 
-    return lambda updates: jax.tree.map(owned, updates, infos, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return tree

@@ -39,7 +39,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # logical axis -> mesh axes it is sharded over (in priority order); unlisted axes replicate.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "expert"),  # dense weights split over the expert axis too (experts take it first)
     "vocab": ("tensor",),
     "mlp": ("tensor",),
     "expert_mlp": ("tensor",),

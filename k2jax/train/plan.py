@@ -21,6 +21,7 @@ import numpy as np
 
 from k2jax.config import Config
 from k2jax.optim.muon import newton_schulz_flops
+from k2jax.optim.owner import owner_newton_schulz_flops
 from k2jax.parallel.sharding import batch_sharding, make_mesh
 from k2jax.parallel.topology import Slice, tpu_slice
 from k2jax.platform import lowering_for
@@ -63,8 +64,8 @@ def _compile(name: str, jitted, args, hbm: int) -> PartReport:
             compiled = jitted.trace(*args).lower().compile()
     except Exception as error:  # noqa: BLE001  (XlaRuntimeError: the compiler's refusal is the result)
         text = str(error)
-        used = re.search(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm", text)
-        need = float(used.group(1)) * 1024 ** "KMGT".index(used.group(2)) * 1024 if used else None
+        need = _compiler_bytes(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm", text) or _compiler_bytes(
+            r"required for HLO temporaries \(([0-9.]+)([KMGT])\)", text)
         return PartReport(name, False, time.perf_counter() - started, hbm_bytes=need,
                           error="\n".join(text.strip().splitlines()[:6]))
     seconds = time.perf_counter() - started
@@ -77,6 +78,12 @@ def _compile(name: str, jitted, args, hbm: int) -> PartReport:
     stats = hlo_stats.analyze(compiled.as_text())
     return PartReport(name, need <= hbm, seconds, need, memory, None, stats.flops, cost.get("flops"),
                       cost.get("optimal_seconds"), stats.kernel_calls, stats.collective_bytes, stats.loops)
+
+
+def _compiler_bytes(pattern: str, text: str) -> float | None:
+    """A size the compiler wrote as e.g. 115.60G (binary units), found by `pattern`."""
+    found = re.search(pattern, text)
+    return float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1) if found else None
 
 
 def state_bytes_per_device(state) -> tuple[float, float]:
@@ -113,8 +120,12 @@ def plan(cfg: Config, topology: str, parts=PARTS) -> dict:
         "model_flops_per_device": flops_per_token(cfg.model, cfg.data.seq_len)["total"] * tokens / devices,
         "newton_schulz_flops_one_copy": newton_schulz_flops(setup.infos, state["params"], cfg.optim.ns_steps,
                                                             use_muon=cfg.optim.name != "adamw"),
+        "newton_schulz_flops_busiest_device": None,
         "parts": {},
     }
+    if cfg.optim.name != "adamw" and cfg.optim.muon_sharding == "owner" and devices > 1:
+        report["newton_schulz_flops_busiest_device"] = owner_newton_schulz_flops(
+            setup.infos, state["params"], mesh, cfg.optim.ns_steps)
     programs = {
         "step": lambda: (make_train_step(cfg, setup), (state, batch)),
         "grads": lambda: (make_grad_step(cfg, setup), (state["params"], state["model_state"], batch)),
@@ -180,11 +191,14 @@ def format_report(report: dict) -> str:
         if p["collective_bytes"]:
             kinds = ", ".join(f"{k} {_bytes(v)}" for k, v in sorted(p["collective_bytes"].items()))
             lines.append(f"  {name} collectives per device: {kinds}")
+    one_copy, busiest = report["newton_schulz_flops_one_copy"], report["newton_schulz_flops_busiest_device"]
     update = report["parts"].get("update")
-    if update and update["flops"] and report["newton_schulz_flops_one_copy"]:
-        lines.append(f"  update matmul FLOPs per device / one copy of Newton-Schulz: "
-                     f"{update['flops'] / report['newton_schulz_flops_one_copy']:.1%} "
-                     f"(ideal {1 / report['devices']:.1%})")
+    if update and update["flops"] and one_copy:
+        lines.append(f"  update matmul FLOPs per device / one copy of Newton-Schulz: {update['flops'] / one_copy:.1%} "
+                     f"(ideal {1 / report['devices']:.1%})" + (" (counts padding slots that devices skip)" if busiest else ""))
+    if busiest:
+        lines.append(f"  owner-sharded Muon: the busiest device runs {busiest:.3g} Newton-Schulz FLOPs = "
+                     f"{busiest / one_copy:.1%} of one copy, {busiest * report['devices'] / one_copy:.2f}x its even share")
     b = report.get("bounds")
     if b:
         xla = b["compiler_seconds"]
