@@ -99,7 +99,7 @@ class ModelConfig:
     # Grouped matmul of the ragged dispatch: jax.lax.ragged_dot ("auto" on GPU), batched matmuls
     # over expert-pure row tiles (k2jax's own; "auto" on CPU, where ragged_dot is dense), or JAX's
     # megablox Pallas kernels ("auto" on TPU, where ragged_dot's weight gradient is dense;
-    # interpreted elsewhere).
+    # interpreted elsewhere; ragged_dot where GSPMD partitions the MoE, e.g. expert_parallel=gspmd).
     grouped_matmul: Literal["auto", "ragged_dot", "tiled", "megablox"] = "auto"
 
     rms_eps: float = 1e-6

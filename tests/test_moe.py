@@ -1,6 +1,7 @@
 """MoE routing and dispatch against per-token numpy references."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,7 @@ def _np_moe(p, cfg, x, bias):
 
 
 @pytest.mark.parametrize("dispatch, grouped_matmul", [("ragged", "ragged_dot"), ("ragged", "tiled"),
-                                                     ("capacity", "auto")])
+                                                     ("ragged", "megablox"), ("capacity", "auto")])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_dispatch_matches_naive_loop(dispatch, grouped_matmul, groups):
     cfg = dataclasses.replace(CFG, moe_dispatch=dispatch, grouped_matmul=grouped_matmul, num_expert_groups=groups)
@@ -116,6 +117,98 @@ def test_tiled_grouped_matmul_equals_ragged_dot(group_sizes):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("group_sizes", [[25, 0, 30, 20, 1, 24], [0] * 6, [120, 0, 0, 0, 0, 0]])
+def test_megablox_grouped_matmul_equals_ragged_dot_and_tiled(group_sizes):
+    """JAX's megablox kernels (TPU interpret mode: unwritten memory reads NaN) with 16-row tiles:
+    groups that start and end inside tiles, empty groups, one group of every row, rows past every
+    group (they come back zero and take no gradient); values and gradients w.r.t. x and the three
+    weight stacks."""
+    from k2jax.model.grouped import _swiglu_megablox, _swiglu_ragged, _swiglu_tiled
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    args = (jax.random.normal(keys[0], (120, 16)), jax.random.normal(keys[1], (6, 16, 8)),
+            jax.random.normal(keys[2], (6, 16, 8)), jax.random.normal(keys[3], (6, 8, 16)))
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    probe = jax.random.normal(jax.random.key(5), (120, 16))  # nonzero on the rows past the groups too
+
+    def value_and_grads(f):  # y and the gradients of a linear loss, in one program
+        def loss(*a):
+            y = f(*a, sizes)
+            return jnp.sum(y * probe), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+        return np.asarray(y), [np.asarray(g) for g in grads]
+
+    y, grads = value_and_grads(functools.partial(_swiglu_megablox, tm=16))
+    assert np.all(y[int(sizes.sum()):] == 0) and all(np.all(np.isfinite(g)) for g in grads)
+    for ref in (_swiglu_ragged, functools.partial(_swiglu_tiled, tile=16)):
+        ref_y, ref_grads = value_and_grads(ref)
+        np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=2e-4)
+        for a, b in zip(grads, ref_grads):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_megablox_pads_rows_and_dims_and_runs_bfloat16(monkeypatch):
+    """Rows that fill no whole tile (37 of 48), and D, F the kernels would not take whole (forced
+    here by a small MEGABLOX_MAX_WHOLE: padded to 128 with zeros and sliced off); bfloat16 in and
+    out, accumulated in float32: close to the float32 ragged dot of the same bfloat16 numbers."""
+    import k2jax.model.grouped as grouped
+
+    monkeypatch.setattr(grouped, "MEGABLOX_MAX_WHOLE", 8)
+    assert grouped._megablox_padded_dim(20) == 128 and grouped._megablox_padded_dim(256) == 256
+    keys = jax.random.split(jax.random.key(1), 4)
+    args = tuple(jax.random.normal(kk, shape).astype(jnp.bfloat16) for kk, shape in
+                 zip(keys, [(37, 20), (3, 20, 12), (3, 20, 12), (3, 12, 20)]))
+    sizes = jnp.asarray([9, 0, 21], jnp.int32)
+
+    def loss(*a):
+        y = grouped._swiglu_megablox(*a, sizes, tm=16)
+        return jnp.sum(y.astype(jnp.float32)), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+    f32 = tuple(a.astype(jnp.float32) for a in args)
+    ref = grouped._swiglu_ragged(*f32, sizes)
+    ref_grads = jax.grad(lambda *a: jnp.sum(grouped._swiglu_ragged(*a, sizes)), argnums=(0, 1, 2, 3))(*f32)
+    assert y.dtype == jnp.bfloat16 and y.shape == (37, 20)
+    y, ref = np.asarray(y, np.float32), np.asarray(ref)  # bfloat16 rounding of h (and y): under 1%
+    assert np.linalg.norm(y - ref) < 1e-2 * np.linalg.norm(ref) and np.all(y[30:] == 0)
+    for g, r, a in zip(grads, ref_grads, args):  # and of the cotangents
+        assert g.dtype == jnp.bfloat16 and g.shape == a.shape
+        assert np.linalg.norm(np.asarray(g, np.float32) - r) < 2e-2 * np.linalg.norm(r)
+
+
+def test_megablox_is_picked_and_compiled_for_tpu():
+    """auto: tiled on CPU, megablox on TPU, ragged_dot on GPU. Traced for TPU on this CPU, the
+    grouped SwiGLU and its gradient are Mosaic kernels (not interpreted), with tiles the presets'
+    widths allow (the whole dim, or 128..512 dividing it) and rows tiles of 128..512."""
+    from k2jax.model.grouped import (_megablox_row_tile, _megablox_tile, _swiglu_megablox, grouped_matmul_impl,
+                                     swiglu_grouped)
+    from k2jax.platform import lowering_for
+
+    assert grouped_matmul_impl(CFG) == "tiled"
+    for platform, impl in [("tpu", "megablox"), ("cuda", "ragged_dot"), ("cpu", "tiled")]:
+        with lowering_for(platform):
+            assert grouped_matmul_impl(CFG) == impl
+    assert grouped_matmul_impl(dataclasses.replace(CFG, grouped_matmul="megablox")) == "megablox"
+    assert swiglu_grouped("megablox") is _swiglu_megablox
+    assert [_megablox_tile(n) for n in (64, 144, 584, 880, 512, 2048, 3072, 7168)] == [
+        64, 144, 584, 880, 512, 512, 512, 512]
+    assert [_megablox_row_tile(m, 64) for m in (40, 8192, 16384, 32768, 65536)] == [40, 128, 256, 512, 512]
+
+    keys = jax.random.split(jax.random.key(2), 4)
+    args = tuple(jax.random.normal(kk, shape).astype(jnp.bfloat16) for kk, shape in
+                 zip(keys, [(256, 128), (4, 128, 144), (4, 128, 144), (4, 144, 128)]))
+    sizes = jnp.asarray([100, 0, 60, 50], jnp.int32)
+    loss = lambda *a: jnp.sum(_swiglu_megablox(*a, sizes).astype(jnp.float32) ** 2)  # noqa: E731
+    with lowering_for("tpu"):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text and "callback" not in text
+    # where GSPMD would partition it (no shard_map around it), which it cannot for a Mosaic kernel: ragged_dot
+    with lowering_for("tpu"), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args))
+    assert "ragged_dot" in jaxpr and "pallas_call" not in jaxpr
+
+
 def test_small_capacity_drops_and_reports_it():
     cfg = dataclasses.replace(CFG, moe_dispatch="capacity", capacity_factor=0.25)
     moe = MoE(cfg, nnx.Rngs(0))
@@ -124,7 +217,7 @@ def test_small_capacity_drops_and_reports_it():
     assert 0.5 < float(stats["dropped_fraction"]) < 1.0  # capacity holds 1/4 of the assignments
 
 
-@pytest.mark.parametrize("grouped_matmul", ["ragged_dot", "tiled"])
+@pytest.mark.parametrize("grouped_matmul", ["ragged_dot", "tiled", "megablox"])
 def test_ragged_gradients_match_dense_reference(grouped_matmul):
     """Gradient through the grouped matmul equals the gradient of computing every expert for every token."""
     cfg = dataclasses.replace(CFG, grouped_matmul=grouped_matmul)
@@ -140,7 +233,7 @@ def test_ragged_gradients_match_dense_reference(grouped_matmul):
         y = jnp.einsum("enf,efd->end", h, m.wo[...])
         return jnp.einsum("end,ne->nd", y, gates) + m.shared(xf)
 
-    g_ragged = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x, valid)[0])))(moe)
+    g_ragged = nnx.jit(nnx.grad(lambda m: jnp.sum(jnp.sin(m(x, valid)[0]))))(moe)
     g_dense = nnx.grad(lambda m: jnp.sum(jnp.sin(dense(m, x))))(moe)
     for name in ("wi_gate", "wi_up", "wo", "router"):
         np.testing.assert_allclose(np.asarray(getattr(g_ragged, name)[...]), np.asarray(getattr(g_dense, name)[...]),

@@ -51,6 +51,19 @@ def test_hlo_stats_multiply_loops_out():
     assert compiled.cost_analysis()["flops"] < stats.flops  # why the module exists
 
 
+def test_hlo_stats_counts_only_window_taps_that_meet_the_input():
+    """A padded 1-D convolution: 10 outputs x 3 taps, the two edge taps fall on padding, so 28
+    taps x 4 input features x 3 output features x 2 FLOPs."""
+    text = """
+ENTRY %main (p0: f32[1,10,4], p1: f32[3,4,3]) -> f32[1,10,3] {
+  %p0 = f32[1,10,4]{2,1,0} parameter(0)
+  %p1 = f32[3,4,3]{2,1,0} parameter(1)
+  ROOT %conv = f32[1,10,3]{2,1,0} convolution(%p0, %p1), window={size=3 pad=1_1}, dim_labels=b0f_0io->b0f
+}
+"""
+    assert hlo_stats.analyze(text).flops == 2 * 28 * 4 * 3
+
+
 @pytest.fixture(scope="module")
 def tiny_plan():
     cfg = load_config("experiments/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",

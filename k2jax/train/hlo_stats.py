@@ -8,7 +8,8 @@ graph this module sums
 
 - matmul FLOPs: `dot` (2 x output elements x contracted size) and `convolution` (TPU writes
   most dots as convolutions: 2 x output elements x kernel elements / output features, over
-  the window taps that meet the input: a batch written as a dilated window meets one);
+  the window taps that meet input elements, not padding or dilation holes: XLA writes a
+  batched matmul as a dilated window that meets one tap, some projections as a padded one);
 - collective bytes per kind: the larger of what a device sends and what it receives
   (all-gather: the gathered result; reduce-scatter: the input; all-reduce, all-to-all,
   collective-permute: the buffer), async `-start` ops counted once, `-done` not at all;
@@ -23,6 +24,8 @@ import collections
 import dataclasses
 import math
 import re
+
+import numpy as np
 
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
@@ -143,25 +146,45 @@ def _weights(computations, entry) -> tuple[dict[str, float], list[int]]:
 
 
 def _matmul_flops(ins: _Instruction, shapes: dict[str, tuple[int, ...]]) -> float:
-    out = math.prod(ins.arrays[0][1])
+    out_shape = ins.arrays[0][1]
+    out = math.prod(out_shape)
     if ins.opcode == "dot":
         lhs = shapes[ins.operands[0]]
         dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attributes).group(1)
         return 2.0 * out * math.prod(lhs[int(d)] for d in dims.split(",") if d)
-    kernel = shapes[ins.operands[1]]
-    kernel_labels = re.search(r"dim_labels=[^_]+_([^-]+)->", ins.attributes).group(1)
+    lhs, kernel = shapes[ins.operands[0]], shapes[ins.operands[1]]
+    lhs_labels, kernel_labels, out_labels = re.search(r"dim_labels=([^_]+)_([^-]+)->(\S+?)[,\s]",
+                                                      ins.attributes + " ").groups()
     per_output = math.prod(kernel) / kernel[kernel_labels.index("o")]  # input features x window taps
     window = re.search(r"window=\{([^}]*)\}", ins.attributes)
-    if window:  # a dilated input (XLA's batched-matmul form) meets the window at 1 tap in lhs_dilate
-        sizes = _window_field(window.group(1), "size")
-        dilation = _window_field(window.group(1), "lhs_dilate") or [1] * len(sizes)
-        per_output *= math.prod(math.ceil(s / d) / s for s, d in zip(sizes, dilation))
+    if window:  # count only the taps that meet input elements (not padding, not dilation holes)
+        for k, size in enumerate(_window_field(window.group(1), "size")):
+            spatial = str(k)
+            taps = _real_taps(lhs[lhs_labels.index(spatial)], out_shape[out_labels.index(spatial)], size,
+                              _window_value(window.group(1), "stride", k, 1),
+                              _window_value(window.group(1), "pad", k, 0),
+                              _window_value(window.group(1), "lhs_dilate", k, 1))
+            per_output *= taps / size
     return 2.0 * out * per_output
 
 
+def _real_taps(length: int, outputs: int, size: int, stride: int, pad_low: int, dilation: int) -> float:
+    """Mean number of window taps per output position that land on one of the `length` input
+    elements (the input dilated by `dilation`, padded by `pad_low` in front)."""
+    position = pad_low + np.arange(length) * dilation  # each input element in padded coordinates
+    first = np.maximum(0, -(-(position - size + 1) // stride))  # outputs whose window covers it
+    last = np.minimum(outputs - 1, position // stride)
+    return float(np.sum(np.maximum(0, last - first + 1))) / outputs
+
+
 def _window_field(window: str, field: str) -> list[int]:
-    found = re.search(rf"\b{field}=([0-9x]+)", window)
-    return [int(v) for v in found.group(1).split("x")] if found else []
+    found = re.search(rf"\b{field}=([0-9x_]+)", window)
+    return [int(v.split("_")[0]) for v in found.group(1).split("x")] if found else []
+
+
+def _window_value(window: str, field: str, k: int, default: int) -> int:
+    values = _window_field(window, field)  # for pad: the low side of "lo_hi"
+    return values[k] if values else default
 
 
 def _collective_bytes(ins: _Instruction, sizes: dict[str, int]) -> int:
