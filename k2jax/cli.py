@@ -177,7 +177,7 @@ def cmd_plan(args) -> int:
     from k2jax.train.plan import format_report, plan
 
     cfg = _load(args.config, args.set)
-    report = plan(cfg, args.topology, tuple(args.parts.split(",")))
+    report = plan(cfg, args.topology, tuple(args.parts.split(",")), args.hlo)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="step,grads,update",
                    help="programs to compile: the whole step, its forward+backward, its optimizer update")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--hlo", metavar="DIR", help="also write each part's optimized HLO (every collective) to DIR")
     p.set_defaults(fn=cmd_plan)
 
     args = parser.parse_args(argv)

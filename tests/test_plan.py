@@ -103,11 +103,12 @@ def test_plan_command_prints_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     proc = subprocess.run([sys.executable, "-m", "k2jax.cli", "plan", "experiments/tiny.yaml", "--topology",
                            "v5p:2x2x1", "--parts", "update", "--set", "mesh.data=4", "--set", "train.batch_size=4",
-                           "--set", "data.seq_len=128", "--json", str(out)],
+                           "--set", "data.seq_len=128", "--json", str(out), "--hlo", str(tmp_path / "hlo")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "update  yes" in proc.stdout and "Newton-Schulz" in proc.stdout, proc.stdout
-    assert out.exists()
+    # data parallel: each replica orthogonalises its share of the matrices and all-gathers the rest
+    assert out.exists() and "all-gather" in (tmp_path / "hlo" / "update.hlo.txt").read_text()
 
 
 @pytest.mark.parametrize("topology, message", [

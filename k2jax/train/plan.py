@@ -15,6 +15,7 @@ import dataclasses
 import math
 import re
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -57,7 +58,7 @@ def abstract_batch(cfg: Config, mesh) -> dict:
             for name in ("inputs", "targets", "segment_ids", "positions")}
 
 
-def _compile(name: str, jitted, args, hbm: int) -> PartReport:
+def _compile(name: str, jitted, args, hbm: int, hlo_dir: Path | None = None) -> PartReport:
     started = time.perf_counter()
     try:
         with lowering_for("tpu"):
@@ -75,7 +76,11 @@ def _compile(name: str, jitted, args, hbm: int) -> PartReport:
               "code": m.generated_code_size_in_bytes}
     need = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
     cost = compiled.cost_analysis() or {}
-    stats = hlo_stats.analyze(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_dir is not None:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+        (hlo_dir / f"{name}.hlo.txt").write_text(text)
+    stats = hlo_stats.analyze(text)
     return PartReport(name, need <= hbm, seconds, need, memory, None, stats.flops, cost.get("flops"),
                       cost.get("optimal_seconds"), stats.kernel_calls, stats.collective_bytes, stats.loops)
 
@@ -97,8 +102,9 @@ def state_bytes_per_device(state) -> tuple[float, float]:
     return held, total / leaf.sharding.mesh.size
 
 
-def plan(cfg: Config, topology: str, parts=PARTS) -> dict:
-    """Compile cfg's train step (and/or its halves) for `topology`; a dict of what was found."""
+def plan(cfg: Config, topology: str, parts=PARTS, hlo_dir: str | None = None) -> dict:
+    """Compile cfg's train step (and/or its halves) for `topology`; a dict of what was found.
+    hlo_dir: also write each part's optimized HLO there (PART.hlo.txt)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
@@ -133,7 +139,8 @@ def plan(cfg: Config, topology: str, parts=PARTS) -> dict:
     }
     for name in parts:
         jitted, args = programs[name]()
-        report["parts"][name] = dataclasses.asdict(_compile(name, jitted, args, tpu.hbm_per_device))
+        report["parts"][name] = dataclasses.asdict(_compile(name, jitted, args, tpu.hbm_per_device,
+                                                            Path(hlo_dir) if hlo_dir else None))
     report["bounds"] = _time_bounds(report)
     return report
 

@@ -1,0 +1,35 @@
+"""Markdown table of `k2jax plan --json` reports: python benchmarks/plan_table.py DIR [DIR ...]."""
+
+import json
+import sys
+from pathlib import Path
+
+GIB = 2 ** 30
+
+
+def rows(report: dict, name: str):
+    mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items() if v > 1)
+    one_copy, busiest = report["newton_schulz_flops_one_copy"], report.get("newton_schulz_flops_busiest_device")
+    for part, p in report["parts"].items():
+        need = f"{p['hbm_bytes'] / GIB:,.1f}" if p["hbm_bytes"] is not None else "?"
+        ns = ""
+        if part == "update" and one_copy:
+            ns = f"{(busiest or p['flops'] or 0) / one_copy:.2%}" if (busiest or p["flops"]) else "-"
+        coll = f"{sum(p['collective_bytes'].values()) / GIB:,.2f}" if p["collective_bytes"] or p["fits"] else "-"
+        flops = f"{p['flops']:.3g}" if p["flops"] is not None else "-"
+        yield (f"| {name} | {report['topology']} ({mesh}) | {part} | {'yes' if p['fits'] else '**no**'} | {need} "
+               f"| {flops} | {ns} | {coll} |")
+
+
+def main(dirs):
+    print("| run | slice (mesh) | program | fits | HBM GiB/chip | matmul FLOPs/chip | Newton-Schulz/chip "
+          "(of one copy) | collectives GiB/chip |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in dirs:
+        for path in sorted(Path(d).glob("*.json")):
+            for row in rows(json.loads(path.read_text()), path.stem):
+                print(row)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
