@@ -1,4 +1,5 @@
-"""Markdown table of `k2jax plan --json` reports: python benchmarks/plan_table.py DIR [DIR ...]."""
+"""Markdown table of `k2jax plan --json` reports: python benchmarks/plan_table.py DIR [DIR ...].
+Files are read in name order; a name's first `_`-separated word is the preset column."""
 
 import json
 import sys
@@ -9,6 +10,7 @@ GIB = 2 ** 30
 
 def rows(report: dict, name: str):
     mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items() if v > 1)
+    muon = report["config"].get("muon_sharding", "gspmd" if "gspmd" in name else "owner")
     one_copy, busiest = report["newton_schulz_flops_one_copy"], report.get("newton_schulz_flops_busiest_device")
     for part, p in report["parts"].items():
         need = f"{p['hbm_bytes'] / GIB:,.1f}" if p["hbm_bytes"] is not None else "?"
@@ -17,14 +19,14 @@ def rows(report: dict, name: str):
             ns = f"{(busiest or p['flops'] or 0) / one_copy:.2%}" if (busiest or p["flops"]) else "-"
         coll = f"{sum(p['collective_bytes'].values()) / GIB:,.2f}" if p["collective_bytes"] or p["fits"] else "-"
         flops = f"{p['flops']:.3g}" if p["flops"] is not None else "-"
-        yield (f"| {name} | {report['topology']} ({mesh}) | {part} | {'yes' if p['fits'] else '**no**'} | {need} "
+        yield (f"| {name.split('_')[0]} | {report['topology']} ({mesh}) | {muon} | {part} | {'yes' if p['fits'] else '**no**'} | {need} "
                f"| {flops} | {ns} | {coll} |")
 
 
 def main(dirs):
-    print("| run | slice (mesh) | program | fits | HBM GiB/chip | matmul FLOPs/chip | Newton-Schulz/chip "
+    print("| preset | slice (mesh) | Muon | program | fits | HBM GiB/chip | matmul FLOPs/chip | Newton-Schulz/chip "
           "(of one copy) | collectives GiB/chip |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for d in dirs:
         for path in sorted(Path(d).glob("*.json")):
             for row in rows(json.loads(path.read_text()), path.stem):

@@ -20,6 +20,8 @@ L64="--topology v5p:4x4x4 --set mesh.data=1 --set mesh.fsdp=8 --set mesh.expert=
 run large_64 large $L64 --parts update
 run large_64_gspmd large $L64 --set optim.muon_sharding=gspmd --parts update
 K="--topology v5p:8x8x8 --set mesh.data=1 --set mesh.fsdp=64 --set mesh.expert=8 --set train.batch_size=512 --set data.seq_len=4096"
-run kimi_512_update kimi-k2 $K --parts update
-run kimi_512_step kimi-k2 $K --parts step
-run kimi_512_gspmd kimi-k2 $K --set optim.muon_sharding=gspmd --parts update
+run kimi-k2_512_update kimi-k2 $K --parts update
+run kimi-k2_512_step kimi-k2 $K --parts step
+run kimi-k2_512_gspmd kimi-k2 $K --set optim.muon_sharding=gspmd --parts update
+K64="--topology v5p:8x8x8 --set mesh.data=1 --set mesh.fsdp=8 --set mesh.expert=64 --set train.batch_size=512 --set data.seq_len=4096"
+run kimi-k2_512_ep64 kimi-k2 $K64 --parts step,update

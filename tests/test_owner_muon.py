@@ -70,13 +70,22 @@ SCRIPT = textwrap.dedent("""
         off16 = (worst(got16, ref["float32"]), worst(got16, ref["bfloat16"]))
         assert off16[0] < 1.25 * band and off16[1] < band, (axes, off16, band)
         print(axes, "float32 max rel err", err, "bfloat16 from float32 / from one-device bfloat16", off16)
-        # every matrix is orthogonalised exactly once across the mesh (padding slots skipped),
-        # and the rotations spread the one-layer stacks: the busiest device is near the mean
-        layouts = [layout for _, layout in _layouts(infos, jax.tree.leaves(params), mesh)]
-        _, load = assign_owners(layouts, mesh, 5)
-        one_copy = newton_schulz_flops(infos, params)
-        assert abs(load.sum() - one_copy) <= 1e-9 * one_copy, (axes, load.sum(), one_copy)
-        heaviest = 5 * max(layout.matrix_flops for layout in layouts)
+        # every matrix is orthogonalised once per copy of it that does not split its work: once,
+        # unless a replica axis would not lower the matrices per device (then each replica
+        # repeats the work instead of padding and gathering); padding slots are skipped
+        leaves = jax.tree.leaves(params)
+        flat_infos = jax.tree.leaves(infos, is_leaf=lambda x: hasattr(x, "axes"))
+        found = _layouts(infos, leaves, mesh)
+        _, load = assign_owners([layout for _, layout in found], mesh, 5)
+        expected = 0.0
+        for i, layout in found:
+            in_spec = set(jax.tree.leaves(tuple(layout.spec)))
+            repeats = np.prod([mesh.shape[a] for a in mesh.axis_names if a not in in_spec | set(layout.replicas)])
+            matrices = np.prod([leaves[i].shape[d] for d in flat_infos[i].batch_axes])
+            expected += 5 * layout.matrix_flops * matrices * repeats
+        assert abs(load.sum() - expected) <= 1e-9 * expected, (axes, load.sum(), expected)
+        assert load.sum() >= newton_schulz_flops(infos, params) * (1 - 1e-9)
+        heaviest = 5 * max(layout.matrix_flops for _, layout in found)
         assert load.max() <= load.mean() + heaviest, (axes, load.max(), load.mean(), heaviest)
         print(axes, "busiest device / mean", load.max() / load.mean())
 

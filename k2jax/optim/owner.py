@@ -6,16 +6,19 @@ flattens into one batch get all-gathered too). Here each parameter's update runs
 `shard_map` with explicit collectives instead:
 
 1. Devices that hold pieces of the same matrices form a group: the mesh axes that split the
-   parameter's matrix dimensions (fsdp on d_model, tensor on heads or FFN width) and the
-   axes it is replicated over (data, or expert for a dense weight). The axes that split its
-   stacked layers/experts dimensions separate groups that hold different matrices.
+   parameter's matrix dimensions (fsdp on d_model, tensor on heads or FFN width), and the
+   axes it is replicated over (data, or expert for an attention weight) where splitting the
+   work over them lowers the matrices per device. The axes that split its stacked
+   layers/experts dimensions separate groups that hold different matrices.
 2. Within a group, the local stack of M matrix pieces (M = local layers x experts) is
-   padded to a multiple of the group size G and exchanged by all-to-all over each splitting
-   axis, so each device ends with M/G whole matrices (replica axes need no traffic: each
-   replica keeps its share of the rows it already has).
+   padded to a multiple of the group size G; each replica keeps its share of the stack (no
+   traffic: it holds every piece already), and the share is exchanged by all-to-all over
+   each splitting axis, so each device ends with M/G whole matrices.
 3. Each device orthogonalises its own M/G matrices (optax's Newton-Schulz, float32 or
    bfloat16 iterations), then the reverse all-to-alls put every piece back where it came
-   from; replicas all-gather the shares.
+   from and replicas all-gather the shares. A replica axis that would not lower M/G (a
+   60-layer stack on 64 fsdp shards x 8 expert replicas) is not split: its replicas repeat
+   the same work rather than pad and gather 512 slots for 60 matrices.
 
 A matrix whose pieces all sit on one device (experts split only over the expert axis) has
 a group of one: it is orthogonalised where it is, with no traffic. Bytes moved per device
@@ -52,7 +55,7 @@ class OwnerLayout:
     spec: P  # the parameter's PartitionSpec
     order: tuple[int, ...]  # parameter dims reordered: stacked (batch) dims first, then matrix dims
     exchanges: tuple[tuple[int, str], ...]  # (dim in the local layout, mesh axis), in all-to-all order
-    replicas: tuple[str, ...]  # mesh axes over which the parameter is replicated
+    replicas: tuple[str, ...]  # mesh axes the parameter is replicated over that split the work
     group: int  # devices sharing each local stack of matrices
     dimension_numbers: MuonDimensionNumbers  # of the (M, *matrix dims) layout
     matrices: int  # M: matrices in each group's stack
@@ -80,28 +83,36 @@ def owner_layout(info: ParamInfo, shape: tuple[int, ...], mesh) -> OwnerLayout:
     for position, dim in enumerate(matrix, start=1):
         for axis in reversed(spec_axes(spec[dim])):  # inner mesh axis first: pieces concatenate in order
             exchanges.append((position, axis))
-    used = {axis for entry in spec for axis in spec_axes(entry)}
-    replicas = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used)
-    group = math.prod(mesh.shape[a] for _, a in exchanges) * math.prod(mesh.shape[a] for a in replicas)
-    reduction = tuple(p for p, dim in enumerate(matrix, start=1) if dim in info.reduction_axes)
-    output = tuple(p for p, dim in enumerate(matrix, start=1) if dim not in info.reduction_axes)
     shards = lambda dim: math.prod(mesh.shape[a] for a in spec_axes(spec[dim]))  # noqa: E731
     stack = math.prod(shape[d] // shards(d) for d in batch)
+    used = {axis for entry in spec for axis in spec_axes(entry)}
+    group = math.prod(mesh.shape[a] for _, a in exchanges)
+    replicas = []
+    for axis in (a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used):
+        if -(-stack // (group * mesh.shape[axis])) < -(-stack // group):  # fewer matrices per device
+            replicas.append(axis)
+            group *= mesh.shape[axis]
+    reduction = tuple(p for p, dim in enumerate(matrix, start=1) if dim in info.reduction_axes)
+    output = tuple(p for p, dim in enumerate(matrix, start=1) if dim not in info.reduction_axes)
     flops = matrix_flops(math.prod(shape[d] for d in info.reduction_axes),
                          math.prod(shape[d] for d in matrix if d not in info.reduction_axes))
-    return OwnerLayout(spec, batch + matrix, tuple(exchanges), replicas, group,
+    return OwnerLayout(spec, batch + matrix, tuple(exchanges), tuple(replicas), group,
                        MuonDimensionNumbers(reduction_axis=reduction, output_axis=output), stack, flops)
 
 
 def _group_positions(layout: OwnerLayout, mesh) -> np.ndarray:
-    """(devices,) each device's position in its group (mesh order), as the exchanges assign them:
-    the first exchanged axis most significant, replicas last."""
+    """(devices,) each device's position in its group (mesh order), as `orthogonalise_owned`
+    assigns them: replicas most significant, then the exchanged axes in exchange order."""
     coords = np.indices(tuple(mesh.shape[a] for a in mesh.axis_names)).reshape(len(mesh.axis_names), -1)
     at = dict(zip(mesh.axis_names, coords))
     position = np.zeros(coords.shape[1], np.int64)
-    for axis in [a for _, a in layout.exchanges] + list(layout.replicas):
+    for axis in _position_axes(layout):
         position = position * mesh.shape[axis] + at[axis]
     return position
+
+
+def _position_axes(layout: OwnerLayout) -> list[str]:
+    return list(layout.replicas) + [axis for _, axis in layout.exchanges]
 
 
 def _real_slots(position, rotation: int, layout: OwnerLayout) -> np.ndarray:
@@ -142,11 +153,11 @@ def orthogonalise_owned(u, layout: OwnerLayout, mesh, orthogonalise, rotation: i
         x = x.reshape((math.prod(lead),) + x.shape[n_batch:])  # (M, *matrix dims)
         m, k = x.shape[0], layout.slots
         x = jnp.roll(jnp.pad(x, [(0, k * layout.group - m)] + [(0, 0)] * (x.ndim - 1)), rotation, axis=0)
-        for dim, axis in layout.exchanges:  # (M, pieces) -> (M / n, whole along dim)
-            x = jax.lax.all_to_all(x, axis, 0, dim, tiled=True)
         if layout.replicas:  # each replica keeps its share
             share = x.shape[0] // math.prod(mesh.shape[a] for a in layout.replicas)
             x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(layout.replicas) * share, share)
+        for dim, axis in layout.exchanges:  # (M, pieces) -> (M / n, whole along dim)
+            x = jax.lax.all_to_all(x, axis, 0, dim, tiled=True)
         if m % layout.group:  # (k, *matrix dims): own matrices, some slots padding: skip those
             slot = _device_position(layout, mesh) * k + jnp.arange(k)
             real = (slot - rotation) % (k * layout.group) < m
@@ -154,10 +165,10 @@ def orthogonalise_owned(u, layout: OwnerLayout, mesh, orthogonalise, rotation: i
                                                       args[0]), (x, real))
         else:
             x = orthogonalise(x)  # (k, *matrix dims): this device's own matrices
-        if layout.replicas:
-            x = jax.lax.all_gather(x, layout.replicas, axis=0, tiled=True)
         for dim, axis in reversed(layout.exchanges):
             x = jax.lax.all_to_all(x, axis, dim, 0, tiled=True)
+        if layout.replicas:
+            x = jax.lax.all_gather(x, layout.replicas, axis=0, tiled=True)
         x = jnp.roll(x, -rotation, axis=0)[:m].reshape(lead + x.shape[1:])
         return jnp.transpose(x, inverse)
 
@@ -167,7 +178,7 @@ def orthogonalise_owned(u, layout: OwnerLayout, mesh, orthogonalise, rotation: i
 def _device_position(layout: OwnerLayout, mesh):
     """This device's position in its group (traced; `_group_positions` for every device)."""
     position = jnp.zeros((), jnp.int32)
-    for axis in [a for _, a in layout.exchanges] + list(layout.replicas):
+    for axis in _position_axes(layout):
         position = position * mesh.shape[axis] + jax.lax.axis_index(axis)
     return position
 

@@ -116,7 +116,8 @@ def plan(cfg: Config, topology: str, parts=PARTS, hlo_dir: str | None = None) ->
     tokens = cfg.train.batch_size * cfg.data.seq_len
     held, even = state_bytes_per_device(state)
     report = {
-        "config": {"parameters": param_counts(cfg.model), "optimizer": cfg.optim.name, "batch_size": cfg.train.batch_size,
+        "config": {"parameters": param_counts(cfg.model), "optimizer": cfg.optim.name,
+                   "muon_sharding": cfg.optim.muon_sharding, "batch_size": cfg.train.batch_size,
                    "seq_len": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum},
         "topology": topology, "devices": devices, "chips": tpu.chips, "mesh": dict(mesh.shape),
         "hbm_per_device": tpu.hbm_per_device,
@@ -159,8 +160,11 @@ def _time_bounds(report: dict) -> dict:
     step = report["parts"].get("step")
     if not step or step["flops"] is None:
         return {}
-    # kernels' FLOPs are not in the HLO count, so the model's own FLOPs bound the work from below too
-    compute = max(step["flops"], report["model_flops_per_device"]) / report["peak_flops_per_device"]
+    # kernels' FLOPs are not in the HLO count, so the model's own FLOPs plus this device's share
+    # of Newton-Schulz (the busiest device's, or an even share) bound the work from below too
+    newton_schulz = report["newton_schulz_flops_busiest_device"] or (
+        report["newton_schulz_flops_one_copy"] / report["devices"])
+    compute = max(step["flops"], report["model_flops_per_device"] + newton_schulz) / report["peak_flops_per_device"]
     comm = sum(step["collective_bytes"].values()) / report["ici_bytes_per_s_per_device"]
     bound = max(compute, comm)
     return {"compute_seconds": compute, "collective_seconds": comm, "step_seconds": bound,
@@ -210,7 +214,7 @@ def format_report(report: dict) -> str:
     if b:
         xla = b["compiler_seconds"]
         lines.append(f"step time >= {b['step_seconds'] * 1e3:,.1f} ms (matmuls at peak {b['compute_seconds'] * 1e3:,.1f} ms, "
-                     f"collectives at ICI bandwidth {b['collective_seconds'] * 1e3:,.1f} ms); MFU at that bound "
+                     f"collectives at ICI bandwidth {b['collective_seconds'] * 1e3:,.1f} ms); so MFU at most "
                      f"{b['mfu_at_bound']:.1%}; XLA's own estimate "
                      + (f"{xla * 1e3:,.1f} ms" if xla and xla > 0 else f"unusable ({xla})"))
     return "\n".join(lines)
