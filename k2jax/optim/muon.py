@@ -4,8 +4,10 @@ Newton-Schulz and momentum come from optax.contrib.scale_by_muon; dimension
 numbers are derived from each parameter's ParamInfo (fan-in axes -> reduction,
 the rest -> output, stacked "layers"/"experts" axes -> batch, so every expert
 and every scanned layer is orthogonalised as its own matrix). optax iterates in
-the momentum's dtype (float32); with ns_dtype="bfloat16" (K2's choice) the
-iterations run in bfloat16 instead, through optax's own Newton-Schulz function.
+the momentum's dtype (float32 with float32 master weights); with ns_dtype="bfloat16"
+(K2's choice) the iterations run in bfloat16 instead, through optax's own
+Newton-Schulz function. On a mesh of several devices, `owner.py` orthogonalises
+each matrix once, on its owner device, instead of leaving the partitioning to GSPMD.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
-from k2jax.optim.owner import owner_newton_schulz_tree
+from k2jax.optim.owner import matrix_flops, owner_newton_schulz_tree
 from k2jax.params import ParamInfo
 
 MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
@@ -52,18 +54,15 @@ def newton_schulz_flops(infos, shapes, steps: int = 5, use_muon: bool = True) ->
     """FLOPs of the Newton-Schulz iterations in one Muon update, summed over every Muon matrix.
 
     infos: ParamInfo tree; shapes: a matching tree of arrays or ShapeDtypeStructs; use_muon
-    False (AdamW everywhere) gives 0. Per (A, B) matrix with m = min(A, B), n = max(A, B)
-    (optax iterates in the wide orientation), one step forms X X^T (2 m^2 n FLOPs), A A
-    (2 m^3) and the product with X (2 m^2 n).
+    False (AdamW everywhere) gives 0. Per (A, B) matrix and step: `owner.matrix_flops`.
     """
     total = 0.0
     for info, x in zip(jax.tree.leaves(infos, is_leaf=_is_info), jax.tree.leaves(shapes)):
         if rule_of(info, use_muon) != MUON:
             continue
         a, b = matrix_shape(info, x.shape)
-        m, n = min(a, b), max(a, b)
         count = math.prod(x.shape) // (a * b)  # stacked layers / experts
-        total += count * steps * (4.0 * m * m * n + 2.0 * m ** 3)
+        total += count * steps * matrix_flops(a, b)
     return total
 
 
