@@ -171,9 +171,9 @@ def cmd_lower(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import os
+    import jax
 
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the program is compiled for the slice, never run here
+    jax.config.update("jax_platforms", "cpu")  # compiled for the slice, never run here: leave any TPU alone
     from k2jax.train.plan import format_report, plan
 
     cfg = _load(args.config, args.set)
@@ -186,6 +186,9 @@ def cmd_plan(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from k2jax.platform import skip_absent_tpu
+
+    skip_absent_tpu()
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

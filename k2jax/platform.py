@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
+import os
 
 import jax
 
@@ -34,3 +36,18 @@ def lowering_for(platform: str):
         yield
     finally:
         _target.reset(token)
+
+
+def skip_absent_tpu() -> None:
+    """On a machine with no TPU chips and no GPU plugin, run JAX on the CPU (JAX_PLATFORMS=cpu)
+    unless the user chose platforms. libtpu is installed for `k2jax plan`; left alone, JAX
+    starts the TPU runtime at its first device query, which prints five lines of errors about
+    missing TPU hosts before falling back to the CPU. Call before JAX creates its backends."""
+    from jax._src import hardware_utils  # the PCI scan JAX itself runs on Cloud TPU VMs
+
+    gpu_plugin = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                                    "jax_rocm7_plugin"))
+    if "JAX_PLATFORMS" not in os.environ and not gpu_plugin \
+            and hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")

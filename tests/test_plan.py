@@ -136,3 +136,13 @@ def test_missing_libtpu_says_how_to_install(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "from k2jax.parallel.topology import tpu_slice; "
                            "tpu_slice('v5p:2x2x1')"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "pip install libtpu" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cli_on_a_machine_without_tpu_runs_quietly_on_the_cpu(tmp_path):
+    """libtpu is installed, but with no TPU chip the CLI keeps JAX off the TPU runtime (which
+    would print errors about missing TPU hosts before falling back to the CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    code = ("import sys; from k2jax.platform import skip_absent_tpu; skip_absent_tpu(); import jax; "
+            "print(jax.default_backend())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "cpu" and "TPU" not in proc.stderr, proc.stderr[-2000:]
