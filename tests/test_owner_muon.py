@@ -102,12 +102,52 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+TRAIN_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from k2jax.config import MeshConfig, load_config
+    from k2jax.parallel.sharding import make_mesh
+    from k2jax.train.step import init_train_state, make_train_step
+
+    # the owner meshes that tests/test_sharded.py's train-step test does not cover
+    cfg = load_config("experiments/tiny.yaml", ["model.compute_dtype=float32", "train.batch_size=16"])
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(3, 259, (16, 64)), "targets": rng.integers(3, 259, (16, 64)),
+             "segment_ids": np.ones((16, 64)), "positions": np.tile(np.arange(64), (16, 1))}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    losses = {}
+    for name, axes in [("one device", None), ("fsdp=8", dict(data=1, fsdp=8)),
+                       ("fsdp=4 tensor=2", dict(data=1, fsdp=4, tensor=2)), ("expert=8", dict(data=1, expert=8))]:
+        mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1]) if axes is None else make_mesh(MeshConfig(**axes))
+        setup, state = init_train_state(cfg, mesh)
+        step = make_train_step(cfg, setup)
+        losses[name] = []
+        for _ in range(2):  # the second loss sees the first update
+            state, metrics = step(state, batch)
+            losses[name].append(float(metrics["loss"]))
+    ref = losses.pop("one device")
+    for name, got in losses.items():
+        np.testing.assert_allclose(got, ref, rtol=2e-4, err_msg=name)
+    print("OWNER-TRAIN-OK", ref)
+""")
+
+
+def _run(script: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_owner_muon_train_step_matches_one_device():
+    """A whole MuonClip train step with owner-sharded Muon on fsdp 8, fsdp 4 x tensor 2 and
+    expert 8 gives the one-device losses (the other meshes: tests/test_sharded.py)."""
+    out = _run(TRAIN_SCRIPT)
+    assert "OWNER-TRAIN-OK" in out.stdout, out.stdout + out.stderr[-5000:]
+
+
 def test_owner_muon_equals_one_device_on_four_meshes():
     """MuonClip with every matrix orthogonalised by one owner device gives the one-device updates
     (float32: within 1e-6 relative, float32 rounding, not bitwise; bfloat16 iterations: as far
     from float32 as the one-device bfloat16 path) on four meshes, parameters keep their
     layout, and no matrix is all-reduced."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=Path(__file__).parents[1], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = _run(SCRIPT)
     assert "OWNER-MUON-OK" in out.stdout, out.stdout + out.stderr[-5000:]
