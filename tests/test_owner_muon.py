@@ -65,11 +65,11 @@ SCRIPT = textwrap.dedent("""
         # no per-iteration all-reduce of a matrix: only the scalars of norms and QK-Clip
         assert not MATRIX_ALL_REDUCE.search(hlo), (axes, MATRIX_ALL_REDUCE.search(hlo).group(0))
         assert " conditional(" in hlo, axes  # padding slots (a one-layer stack on 8 devices) are skipped
-        # bfloat16 iterations: as far from float32 as the one-device bfloat16 path is
-        got16, _ = two_steps("bfloat16", mesh)
-        off16 = (worst(got16, ref["float32"]), worst(got16, ref["bfloat16"]))
-        assert off16[0] < 1.25 * band and off16[1] < band, (axes, off16, band)
-        print(axes, "float32 max rel err", err, "bfloat16 from float32 / from one-device bfloat16", off16)
+        if axes == dict(data=2, fsdp=2, expert=2):  # bfloat16 iterations (one mesh: compile time):
+            got16, _ = two_steps("bfloat16", mesh)  # as far from float32 as the one-device bfloat16 path
+            off16 = (worst(got16, ref["float32"]), worst(got16, ref["bfloat16"]))
+            assert off16[0] < 1.25 * band and off16[1] < band, (axes, off16, band)
+        print(axes, "float32 max rel err", err)
         # every matrix is orthogonalised once per copy of it that does not split its work: once,
         # unless a replica axis would not lower the matrices per device (then each replica
         # repeats the work instead of padding and gathering); padding slots are skipped
@@ -115,8 +115,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
              "segment_ids": np.ones((16, 64)), "positions": np.tile(np.arange(64), (16, 1))}
     batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
     losses = {}
-    for name, axes in [("one device", None), ("fsdp=8", dict(data=1, fsdp=8)),
-                       ("fsdp=4 tensor=2", dict(data=1, fsdp=4, tensor=2)), ("expert=8", dict(data=1, expert=8))]:
+    for name, axes in [("one device", None), ("fsdp=8", dict(data=1, fsdp=8)), ("expert=8", dict(data=1, expert=8))]:
         mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1]) if axes is None else make_mesh(MeshConfig(**axes))
         setup, state = init_train_state(cfg, mesh)
         step = make_train_step(cfg, setup)
@@ -138,16 +137,16 @@ def _run(script: str) -> subprocess.CompletedProcess:
 
 
 def test_owner_muon_train_step_matches_one_device():
-    """A whole MuonClip train step with owner-sharded Muon on fsdp 8, fsdp 4 x tensor 2 and
-    expert 8 gives the one-device losses (the other meshes: tests/test_sharded.py)."""
+    """A whole MuonClip train step with owner-sharded Muon on fsdp 8 and expert 8 gives the
+    one-device losses (tensor-split and mixed meshes: tests/test_sharded.py)."""
     out = _run(TRAIN_SCRIPT)
     assert "OWNER-TRAIN-OK" in out.stdout, out.stdout + out.stderr[-5000:]
 
 
 def test_owner_muon_equals_one_device_on_four_meshes():
     """MuonClip with every matrix orthogonalised by one owner device gives the one-device updates
-    (float32: within 1e-6 relative, float32 rounding, not bitwise; bfloat16 iterations: as far
-    from float32 as the one-device bfloat16 path) on four meshes, parameters keep their
+    (float32: within 1e-6 relative, float32 rounding, not bitwise; bfloat16 iterations, on one
+    mesh: as far from float32 as the one-device bfloat16 path) on four meshes, parameters keep their
     layout, and no matrix is all-reduced."""
     out = _run(SCRIPT)
     assert "OWNER-MUON-OK" in out.stdout, out.stdout + out.stderr[-5000:]

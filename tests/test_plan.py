@@ -1,5 +1,6 @@
 """`k2jax plan`: TPU compiles without a TPU (libtpu), and the per-device figures read off them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ ENTRY %main (p0: f32[1,10,4], p1: f32[3,4,3]) -> f32[1,10,3] {
 def tiny_plan():
     cfg = load_config("experiments/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",
                                                 "data.seq_len=128"])
-    return cfg, plan(cfg, "v5p:2x2x1", parts=("step", "update"))
+    return cfg, plan(cfg, "v5p:2x2x1", parts=("step",))
 
 
 def test_plan_reports_the_compiled_step(tiny_plan):
@@ -91,10 +92,6 @@ def test_plan_reports_the_compiled_step(tiny_plan):
     assert step["kernel_calls"] > 0  # TPU flash attention and ragged dots are Mosaic kernels
     assert set(step["collective_bytes"]) >= {"all-gather", "reduce-scatter"}  # FSDP: weights in, grads out
     assert report["devices"] == 4 and report["mesh"]["fsdp"] == 4
-    # the optimizer update alone: Newton-Schulz is plain XLA, so its FLOPs are all counted;
-    # every device runs at least its share of one copy
-    update = report["parts"]["update"]
-    assert update["flops"] >= report["newton_schulz_flops_one_copy"] / 4
     bounds = report["bounds"]
     assert bounds["step_seconds"] >= bounds["compute_seconds"] > 0 and 0 < bounds["mfu_at_bound"] <= 1
 
@@ -109,6 +106,11 @@ def test_plan_command_prints_and_writes_json(tmp_path):
     assert "update  yes" in proc.stdout and "Newton-Schulz" in proc.stdout, proc.stdout
     # data parallel: each replica orthogonalises its share of the matrices and all-gathers the rest
     assert out.exists() and "all-gather" in (tmp_path / "hlo" / "update.hlo.txt").read_text()
+    # the update alone: Newton-Schulz is plain XLA, so its FLOPs are all counted; each of the 4
+    # devices runs at least its share of one copy, and the busiest one at most the whole
+    report = json.loads(out.read_text())
+    update, one_copy = report["parts"]["update"], report["newton_schulz_flops_one_copy"]
+    assert one_copy / 4 <= report["newton_schulz_flops_busiest_device"] <= update["flops"] <= one_copy
 
 
 @pytest.mark.parametrize("topology, message", [
