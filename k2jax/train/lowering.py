@@ -13,13 +13,9 @@ from __future__ import annotations
 import collections
 import re
 
-import jax
-import numpy as np
-
 from k2jax.config import Config
-from k2jax.parallel.sharding import batch_sharding
 from k2jax.platform import lowering_for
-from k2jax.train.step import abstract_train_state, make_train_step
+from k2jax.train.step import abstract_batch, abstract_train_state, make_train_step
 
 KERNELS = {"__gpu$xla.gpu.triton": "Triton kernel", "tpu_custom_call": "Mosaic TPU kernel",
            "ragged_all_to_all": "ragged all-to-all"}
@@ -32,11 +28,8 @@ def lower_train_step(cfg: Config, platform: str):
     (jax Lowered, mesh shape)."""
     setup, state = abstract_train_state(cfg)
     step = make_train_step(cfg, setup)
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-    batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(setup.mesh, shape))
-             for name in ("inputs", "targets", "segment_ids", "positions")}
     with lowering_for(platform):
-        return step.trace(state, batch).lower(lowering_platforms=(platform,)), dict(setup.mesh.shape)
+        return step.trace(state, abstract_batch(cfg, setup.mesh)).lower(lowering_platforms=(platform,)), dict(setup.mesh.shape)
 
 
 def summarize(lowered) -> dict[str, int]:

@@ -18,17 +18,16 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from k2jax.config import Config
 from k2jax.optim.muon import newton_schulz_flops
 from k2jax.optim.owner import owner_newton_schulz_flops
-from k2jax.parallel.sharding import batch_sharding, make_mesh
+from k2jax.parallel.sharding import make_mesh
 from k2jax.parallel.topology import Slice, tpu_slice
 from k2jax.platform import lowering_for
 from k2jax.train import hlo_stats
 from k2jax.train.flops import flops_per_token, param_counts
-from k2jax.train.step import abstract_train_state, make_grad_step, make_train_step, make_update_step
+from k2jax.train.step import abstract_batch, abstract_train_state, make_grad_step, make_train_step, make_update_step
 
 PARTS = ("step", "grads", "update")
 
@@ -49,13 +48,6 @@ class PartReport:
     kernel_calls: int | None = None
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
     loops: list[int] = dataclasses.field(default_factory=list)
-
-
-def abstract_batch(cfg: Config, mesh) -> dict:
-    """The train step's batch as ShapeDtypeStructs sharded over the mesh's data axes."""
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-    return {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(mesh, shape))
-            for name in ("inputs", "targets", "segment_ids", "positions")}
 
 
 def _compile(name: str, jitted, args, hbm: int, hlo_dir: Path | None = None) -> PartReport:

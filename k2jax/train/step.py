@@ -89,6 +89,13 @@ def abstract_train_state(cfg: Config, mesh: Mesh | None = None) -> tuple[TrainSe
     return setup, abstract_state(setup, abstract)
 
 
+def abstract_batch(cfg: Config, mesh: Mesh) -> dict:
+    """The train step's batch as ShapeDtypeStructs sharded over the mesh's data axes."""
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape))
+            for name in ("inputs", "targets", "segment_ids", "positions")}
+
+
 def abstract_state(setup: TrainSetup, state: dict) -> dict:
     """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, setup.shardings)
