@@ -13,7 +13,9 @@ from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from k2jax.config import ModelConfig, OptimConfig
 from k2jax.model.attention import Attention
+from k2jax.model.presets import get_preset
 from k2jax.model.rope import rope_tables
+from k2jax.model.transformer import Transformer
 from k2jax.optim import describe, make_optimizer, make_schedule, muonclip, qk_clip, qk_clip_metrics
 from k2jax.optim.muon import muon_or_adamw
 from k2jax.params import ParamInfo, param_info
@@ -225,6 +227,62 @@ def test_qk_clip_caps_heads_at_tau_and_leaves_others_bitwise(kind):
     if kind.startswith("mla"):  # value columns of kv_b are never touched
         v0 = cfg.qk_nope_head_dim
         np.testing.assert_array_equal(np.asarray(new["wkv_b"])[..., v0:], np.asarray(params["wkv_b"])[..., v0:])
+
+
+# K2's exponent of gamma per projection role: MHA splits the clip between query and key by
+# alpha, GQA clips only the query (its keys are shared), MLA keeps the shared rotary key whole.
+K2_EXPONENTS = {
+    "mha": lambda a: {"q": a, "k": 1 - a},
+    "gqa": lambda a: {"q": 1.0, "k": 0.0},
+    "mla": lambda a: {"q_nope": a, "k_nope": 1 - a, "q_rope": 1.0, "v": 0.0},
+}
+
+
+@pytest.mark.parametrize("kind,alpha", [("mha", 0.5), ("mha", 0.25), ("gqa", 0.5), ("mla", 0.5), ("mla", 0.3)])
+def test_qk_clip_scales_the_real_models_weights_by_k2s_exponents(kind, alpha):
+    """Built from the Transformer itself (scanned dense and MoE stacks): after a zero update,
+    every query/key column of a clipped head equals its old value times gamma ** exponent."""
+    heads = {"mha": dict(num_kv_heads=4), "gqa": dict(num_kv_heads=2), "mla": {}}[kind]
+    cfg = dataclasses.replace(get_preset("tiny"), attention="mla" if kind == "mla" else "gqa",
+                              compute_dtype="float32", **heads)
+    model = Transformer(cfg, nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    infos = param_info(nnx.state(model, nnx.Param))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    stats = model(tokens)[1]["max_logits"]
+    every = np.concatenate([np.asarray(s).reshape(-1) for s in stats.values()])
+    tau = float(np.median(every))  # about half the heads are clipped
+    tx = qk_clip(infos, tau=tau, alpha=alpha)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params, attn_max_logits=stats)
+    new = optax.apply_updates(params, updates)
+
+    exponents = K2_EXPONENTS[kind](alpha)
+    checked = set()
+    for path, info in jax.tree_util.tree_leaves_with_path(infos, is_leaf=lambda x: isinstance(x, ParamInfo)):
+        old_w, new_w = (np.asarray(_at(tree, path)) for tree in (params, new))
+        if info.qk is None:
+            np.testing.assert_array_equal(new_w, old_w)
+            continue
+        gamma = np.minimum(1.0, tau / np.asarray(stats[info.qk_stats]))  # (*layers, H)
+        n_heads = old_w.shape[info.head_axis]
+        column = np.concatenate([np.full(w, exponents[role]) for role, w in info.qk])  # (head_dim,)
+        if n_heads != gamma.shape[-1]:  # GQA's shared key heads
+            assert not column.any()
+            expected = old_w
+        else:
+            g = np.expand_dims(gamma, tuple(range(gamma.ndim - 1, info.head_axis)))[..., None]
+            expected = old_w * g ** column
+        np.testing.assert_allclose(new_w, expected, rtol=2e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+        checked.update(role for role, _ in info.qk)
+    assert checked == set(exponents)
+    assert (every > tau).any() and (every < tau).any()
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
 
 
 def test_qk_clip_with_scanned_layers_and_real_update():

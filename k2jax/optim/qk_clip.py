@@ -39,15 +39,20 @@ def _is_info(x) -> bool:
     return isinstance(x, ParamInfo)
 
 
-def _grouped_keys(infos) -> set[str]:
-    """Stats keys whose key projection has fewer heads than the queries (GQA)."""
-    heads: dict[str, dict[str, int]] = {}
-    for info in jax.tree.leaves(infos, is_leaf=_is_info):
-        if info.qk is None:
-            continue
-        axis_name = info.axes[info.head_axis]
-        heads.setdefault(info.qk_stats, {})[axis_name] = 1
-    return {key for key, names in heads.items() if "kv_heads" in names}
+def _grouped_keys(params, infos) -> set[str]:
+    """Stats keys whose key projection has fewer heads than its queries (GQA).
+
+    Decided from the parameters' head counts, never from axis names: MHA's key projection
+    is named `kv_heads` like GQA's but has as many heads as the queries.
+    """
+    heads: dict[str, set[int]] = {}
+
+    def record(w, info):
+        if info.qk is not None:
+            heads.setdefault(info.qk_stats, set()).add(w.shape[info.head_axis])
+
+    jax.tree.map(record, params, infos)
+    return {key for key, counts in heads.items() if len(counts) > 1}
 
 
 def _exponents(info: ParamInfo, alpha: float, grouped: bool) -> np.ndarray:
@@ -88,8 +93,6 @@ def _gamma_for(path, info: ParamInfo, shape, stats, tau):
 
 def qk_clip(param_infos, tau: float = 100.0, alpha: float = 0.5) -> optax.GradientTransformationExtraArgs:
     """The QK-Clip transformation over a parameter tree described by `param_infos`."""
-    grouped = _grouped_keys(param_infos)
-
     def init_fn(params):
         del params
         return QKClipState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32))
@@ -101,6 +104,8 @@ def qk_clip(param_infos, tau: float = 100.0, alpha: float = 0.5) -> optax.Gradie
         if attn_max_logits is None:
             raise ValueError("qk_clip needs the per-head max attention logits: pass attn_max_logits=... "
                              "(the forward pass's stats['max_logits']) to tx.update")
+
+        grouped = _grouped_keys(params, param_infos)
 
         def clip(path, u, w, info):
             if info.qk is None:
