@@ -1,7 +1,9 @@
 # Two commands: `make train` trains the default model, `make test` runs the suite.
-# Each creates .venv from requirements.lock first (Python 3.11, no GPU needed).
+# `make train` (and `make venv`) creates .venv from requirements.lock, the runtime
+# dependencies; `make test` adds the test and notebook packages of requirements-test.lock
+# (torch, transformers, pytest, Jupyter) on top. Python 3.11, no GPU needed.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= experiments/default.yaml
 ARGS ?=
@@ -10,19 +12,23 @@ WORKERS ?= auto
 
 .PHONY: train test venv clean
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.runtime
 
-$(VENV)/.installed: requirements.lock pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.runtime: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-train: venv
+$(VENV)/.test: $(VENV)/.runtime requirements-test.lock
+	$(BIN)/pip install -q -r requirements-test.lock
+	touch $@
+
+train: $(VENV)/.runtime
 	$(BIN)/k2jax train $(CONFIG) $(ARGS)
 
-test: venv
+test: $(VENV)/.test
 	$(BIN)/python -m pytest -n $(WORKERS) tests
 
 clean:
