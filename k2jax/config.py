@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -48,6 +49,8 @@ class YarnConfig:
 class ModelConfig:
     """Shapes and numerics of a DeepSeek-V3 / Kimi-K2 style MoE decoder."""
 
+    # load_config raises it to the tokenizer's vocabulary (a prepared corpus's, or data.bpe_vocab_size)
+    # unless set explicitly; an explicit value must hold the tokenizer's ids (checked when training).
     vocab_size: int = 512
     d_model: int = 128
     num_layers: int = 2
@@ -474,4 +477,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         raw = loaded
     raw = _merge(raw, parse_overrides(overrides or []))
-    return from_dict(Config, raw)
+    cfg = from_dict(Config, raw)
+    vocab = _tokenizer_vocab(cfg.data)
+    if "vocab_size" not in (raw.get("model") or {}) and vocab and vocab > cfg.model.vocab_size:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    return cfg
+
+
+def _tokenizer_vocab(data: DataConfig) -> int | None:
+    """The vocabulary size of the tokenizer a run on `data` uses, where known before reading the corpus:
+    a prepared corpus's (its manifest.json) or a BPE's to be trained; None for bytes (259 ids, fewer than
+    any preset's vocabulary) and for a manifest that does not read (training reports it)."""
+    manifest = Path(data.corpus) / "manifest.json"
+    if manifest.is_file():
+        try:
+            return int(json.loads(manifest.read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return data.bpe_vocab_size if data.tokenizer == "bpe" else None

@@ -67,3 +67,11 @@ def test_every_experiment_file_loads():
     assert files
     for f in files:
         assert isinstance(load_config(f), Config)
+
+
+def test_vocab_size_follows_the_tokenizer_unless_set():
+    assert load_config(None, ["model.preset=small"]).model.vocab_size == PRESETS["small"].vocab_size  # bytes fit
+    bpe = ["model.preset=small", "data.tokenizer=bpe", "data.bpe_vocab_size=2048"]
+    assert load_config(None, bpe).model.vocab_size == 2048
+    assert load_config(None, [*bpe, "model.vocab_size=4096"]).model.vocab_size == 4096
+    assert load_config(None, [*bpe, "model.vocab_size=320"]).model.vocab_size == 320  # explicit: checked at train

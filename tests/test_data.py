@@ -147,3 +147,20 @@ def test_bad_corpora_fail_clearly(tmp_path):
 def test_stdlib_corpus_is_available():
     train, heldout = load_corpus(DataConfig(max_corpus_bytes=300_000))
     assert train and heldout and sum(map(len, train)) > 100_000
+
+
+def test_in_memory_corpus_reports_skipped_and_junk_files(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("def f():\n    return 1\n" * 50)
+    (tmp_path / "b.md").write_text("# notes\n" * 50)
+    (tmp_path / "c.csv").write_text("x,y\n")
+    train, heldout = load_corpus(DataConfig(corpus=str(tmp_path)))
+    assert len(train) == len(heldout) == 1
+    assert "warning: 1 file not read, unsupported suffixes (1 .csv)" in capsys.readouterr().err
+    (tmp_path / "d.txt").write_bytes(bytes(range(256)) * 20)  # control characters and bytes that never decode
+    with pytest.raises(ConfigError, match="d.txt is not UTF-8 text"):
+        load_corpus(DataConfig(corpus=str(tmp_path)))
+    only_csv = tmp_path / "csv"
+    only_csv.mkdir()
+    (only_csv / "t.csv").write_text("x\n")
+    with pytest.raises(ConfigError, match=r"is empty: no text documents found \(1 file not read"):
+        load_corpus(DataConfig(corpus=str(only_csv)))

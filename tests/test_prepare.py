@@ -136,3 +136,53 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(source_dir, tmp_path):
     (broken / "manifest.json").write_text("{")
     with pytest.raises(ConfigError, match="manifest.json"):
         PreparedCorpus(broken)
+
+
+def test_small_corpus_holds_out_one_document_and_sizes_the_vocabulary(tmp_path, capsys):
+    src = tmp_path / "small"
+    src.mkdir()
+    for i, text in enumerate(_stdlib_texts(30, 2000)):
+        (src / f"{i:02d}.py").write_text(text)
+    (src / "table.csv").write_text("a,b\n")
+    out = tmp_path / "prepared"
+    manifest = prepare([str(src)], out, tokenizer="bpe", bpe_vocab_size=400)  # default 1% held out
+    assert manifest["splits"]["heldout"]["documents"] >= 1
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["heldout"]["documents"] == 30
+    assert "1 file not read, unsupported suffixes (1 .csv)" in capsys.readouterr().err
+    vocab = manifest["vocab_size"]
+    assert vocab > 320  # more than the tiny preset's
+    assert load_config(ROOT / "experiments" / "tiny.yaml", [f"data.corpus={out}"]).model.vocab_size == vocab
+    explicit = load_config(ROOT / "experiments" / "tiny.yaml",
+                           [f"data.corpus={out}", "model.vocab_size=320", f"train.out_dir={tmp_path / 'run'}"])
+    assert explicit.model.vocab_size == 320
+    with pytest.raises(ConfigError, match=f"model.vocab_size=320 is smaller than the tokenizer's vocabulary "
+                                          f"\\({vocab}\\); set it to at least {vocab}"):
+        train(explicit)
+
+
+def test_unsupported_files_are_named_not_blamed_on_the_split(tmp_path):
+    src = tmp_path / "csvs"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.csv").write_text("x,y\n1,2\n")
+    (src / "page.html").write_text("<p>hi</p>")
+    with pytest.raises(ConfigError, match=r"gave 0 documents, at least 2 are needed \(one to train on, one held "
+                                          r"out\); 4 files not read, unsupported suffixes \(3 .csv, 1 .html\)") as e:
+        prepare([str(src)], tmp_path / "out")
+    assert "heldout" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_binary_junk_is_refused_and_named(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "mixed"
+    src.mkdir()
+    for i, text in enumerate(_stdlib_texts(4, 2000)):
+        (src / f"{i}.py").write_text(text)
+    (src / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20 + b"plain text " * 100)  # 20 bad bytes
+    (src / "junk.txt").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(ConfigError, match="junk.txt is not UTF-8 text: .* bytes .* are undecodable or control"):
+        prepare([str(src)], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    (src / "junk.txt").unlink()
+    prepare([str(src)], tmp_path / "out")
+    assert "latin1.txt (1.7%)" in capsys.readouterr().err

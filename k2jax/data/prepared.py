@@ -37,10 +37,11 @@ def is_prepared(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def iter_source(source: str, text_field: str = "text") -> Iterator[corpus_lib.Document]:
+def iter_source(source: str, text_field: str = "text",
+                report: corpus_lib.ReadReport | None = None) -> Iterator[corpus_lib.Document]:
     """Documents of one source: a path (see corpus.iter_documents) or hf:NAME[:CONFIG][@SPLIT]."""
     if not source.startswith("hf:"):
-        yield from corpus_lib.iter_documents(source, text_field)
+        yield from corpus_lib.iter_documents(source, text_field, report)
         return
     try:
         import datasets
@@ -99,7 +100,9 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
             heldout_fraction: float = 0.01, shard_tokens: int = 50_000_000, bpe_vocab_size: int = 8192,
             bpe_sample_bytes: int = 50_000_000, bos_token: str | None = None,
             eos_token: str | None = None) -> dict:
-    """Tokenize `sources` into out_dir (which must not exist); returns the manifest."""
+    """Tokenize `sources` into out_dir (which must not exist); returns the manifest. Documents are split
+    by name like in-memory corpora; when none falls in the held-out split the last train document is
+    held out. Skipped and repaired files are reported on stderr."""
     sources = list(sources)
     out = Path(out_dir)
     if not sources:
@@ -112,9 +115,11 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
         if not source.startswith("hf:") and source != "stdlib" and not Path(source).exists():
             raise ConfigError(f"prepare: source {source!r} does not exist")
 
+    report = corpus_lib.ReadReport()
+
     def documents():
         for source in sources:
-            yield from iter_source(source, text_field)
+            yield from iter_source(source, text_field, report)
 
     try:
         tok = tokenizer_lib.from_spec(tokenizer, _bpe_sample(documents(), heldout_fraction, bpe_sample_bytes)
@@ -127,14 +132,25 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
     try:
         start = time.perf_counter()
         writers = {split: _ShardWriter(partial, split, shard_tokens) for split in SPLITS}
+        pending = None  # the latest train document, written one behind so that it can be held out instead
         for name, text in documents():
-            split = "heldout" if corpus_lib.is_heldout(name, heldout_fraction) else "train"
-            writers[split].add(document_ids(tok, text))
+            ids = document_ids(tok, text)
+            if corpus_lib.is_heldout(name, heldout_fraction):
+                writers["heldout"].add(ids)
+            else:
+                if pending is not None:
+                    writers["train"].add(pending)
+                pending = ids
+        if pending is not None:
+            writers["train" if writers["heldout"].documents else "heldout"].add(pending)
         splits = {split: w.close() for split, w in writers.items()}
-        if not splits["train"]["documents"] or not splits["heldout"]["documents"]:
-            raise ConfigError(f"prepare: {sources} gave {splits['train']['documents']} train and "
-                              f"{splits['heldout']['documents']} held-out documents; both must be non-empty "
-                              f"(add text or change --heldout-fraction)")
+        found = splits["train"]["documents"] + splits["heldout"]["documents"]
+        if found < 2:
+            skipped = f"; {report.skipped_note()}" if report.skipped else ""
+            raise ConfigError(f"prepare: {sources} gave {found} document{'s' * (found != 1)}, at least 2 are "
+                              f"needed (one to train on, one held out){skipped}")
+        if not splits["train"]["documents"]:
+            raise ConfigError(f"prepare: all {found} documents fell in the held-out split; lower --heldout-fraction")
         tok.save(partial / "tokenizer")
         manifest = {"format": FORMAT, "sources": sources, "text_field": text_field,
                     "heldout_fraction": heldout_fraction, "tokenizer": tok.kind, "vocab_size": tok.vocab_size,
@@ -145,6 +161,7 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
         shutil.rmtree(partial, ignore_errors=True)
         raise
     partial.rename(out)
+    report.print_warnings()
     return manifest
 
 

@@ -65,7 +65,8 @@ def _data(cfg: Config, out: Path, resume: bool):
         heldout_chunks = pipeline.chunk_documents(tok, heldout_docs, seq_len)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({tok.vocab_size}); raise model.vocab_size")
+                          f"vocabulary ({tok.vocab_size}); set it to at least {tok.vocab_size}, or leave it "
+                          f"unset to take the tokenizer's")
     if distributed.is_primary() and not (resume and tok_dir.exists()):
         tok.save(tok_dir)
     return train_chunks, heldout_chunks
