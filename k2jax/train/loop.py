@@ -8,8 +8,10 @@ process 0 writes all but the checkpoints, which every process writes together.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -18,13 +20,13 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from k2jax.config import Config, ConfigError, to_dict
+from k2jax.config import Config, ConfigError, from_dict, to_dict
 from k2jax.data import corpus as corpus_lib
 from k2jax.data import pipeline, prepared, tokenizer as tokenizer_lib
 from k2jax.parallel import distributed
 from k2jax.parallel.sharding import batch_sharding
 from k2jax.train import flops as flops_lib
-from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag
+from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag, finished_steps, saved_config, warn
 from k2jax.train.metrics import MetricsWriter, plot_run
 from k2jax.train.step import abstract_state, init_train_state, make_eval_step, make_train_step
 
@@ -33,22 +35,56 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM stopped a run after saving a checkpoint: not finished, --resume continues it."""
+
+
+# What a resumed run may change: how it executes, how long it runs, what it logs and keeps, and the
+# optimizer's settings (not its kind, whose state would not match). Everything else must match the
+# checkpoint: the model's math and its data.
+_RESUMABLE = {"model.remat", "model.attention_impl", "model.expert_parallel", "model.grouped_matmul",
+              "model.expert_buffer_factor", "train.steps", "train.grad_accum", "train.eval_every",
+              "train.eval_batches", "train.log_every", "train.progress", "train.out_dir"}
+
+
+def _resumable(key: str) -> bool:
+    section, _, name = key.partition(".")
+    return key in _RESUMABLE or section in ("mesh", "checkpoint") or (section == "optim" and name != "name")
+
+
 def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path]:
+    """Check train.out_dir before anything is written: a directory or nothing, writable, holding a finished
+    checkpoint exactly when resuming."""
     out = Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
-    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
-    if resume and not has_ckpt:
-        raise CheckpointError(f"--resume given but {ckpt_dir} holds no checkpoint")
-    if not resume and has_ckpt:
-        raise ConfigError(f"train.out_dir: {out} already holds checkpoints; pass --resume to continue it, "
-                          f"or set train.out_dir to a new directory (nothing was changed)")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "train.out_dir is a file, not a directory; choose another "
+                                 "train.out_dir", str(out))
+    steps = finished_steps(ckpt_dir)
+    if resume and not steps:
+        raise CheckpointError(f"--resume: {ckpt_dir} holds no checkpoint that finished saving; start the run "
+                              f"without --resume")
+    if not resume and steps:
+        raise ConfigError(f"train.out_dir: {out} already holds checkpoints (steps {steps}); pass --resume to "
+                          f"continue it, or set train.out_dir to a new directory (nothing was changed)")
+    if distributed.is_primary():
+        _check_writable(next(p for p in (out, *out.parents) if p.exists()))
     return out, ckpt_dir
 
 
+def _check_writable(directory: Path) -> None:
+    probe = directory / f".k2jax-write-check-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write there ({e.strerror}); choose a writable train.out_dir",
+                      str(directory)) from e
+
+
 def _data(cfg: Config, out: Path, resume: bool):
-    """(this process's train chunks, held-out chunks) from a prepared or in-memory corpus; the
-    tokenizer is saved with the run."""
+    """(this process's train chunks, held-out chunks, tokenizer) from a prepared or in-memory corpus;
+    nothing written."""
     seq_len, shard, shards = cfg.data.seq_len, jax.process_index(), jax.process_count()
     tok_dir = out / "tokenizer"
     if prepared.is_prepared(cfg.data.corpus):
@@ -67,18 +103,35 @@ def _data(cfg: Config, out: Path, resume: bool):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size}); set it to at least {tok.vocab_size}, or leave it "
                           f"unset to take the tokenizer's")
-    if distributed.is_primary() and not (resume and tok_dir.exists()):
-        tok.save(tok_dir)
-    return train_chunks, heldout_chunks
+    return train_chunks, heldout_chunks, tok
 
 
-def _check_resumed_config(saved: dict, cfg: Config) -> None:
-    now = to_dict(cfg)
-    for section in ("model", "data"):
-        if saved.get(section) != now[section]:
-            diff = [k for k in now[section] if saved.get(section, {}).get(k) != now[section][k]]
-            raise ConfigError(f"--resume: {section} settings differ from the checkpoint ({', '.join(diff)}); "
-                              f"a resumed run must keep the model and data it started with")
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resumed_config(ckpt_dir: Path, cfg: Config) -> None:
+    """Refuse a resume whose config changes more than `_resumable` keys, before anything is restored."""
+    step, saved = saved_config(ckpt_dir)
+    try:
+        old = _flat(to_dict(from_dict(Config, saved)))  # keys added since the run started take their defaults
+    except ConfigError as e:
+        raise CheckpointError(f"--resume: the config saved with step {step} does not load in this version of "
+                              f"k2jax ({e})") from e
+    new = _flat(to_dict(cfg))
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and not _resumable(k)]
+    if diff:
+        raise ConfigError(f"--resume: these settings differ from the run's (checkpoint step {step}): "
+                          f"{'; '.join(diff)}. A resumed run keeps its model, data and optimizer kind (execution, "
+                          f"optimizer, length, logging, checkpoint and mesh settings may change); use a new "
+                          f"train.out_dir for a new run. Nothing was changed")
 
 
 def _host(tree):
@@ -121,10 +174,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, max logit, wall time, ...)."""
     started = time.perf_counter()
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
-    train_chunks, heldout_chunks = _data(cfg, out, resume)
+    if resume:
+        _check_resumed_config(ckpt_dir, cfg)
+    train_chunks, heldout_chunks, tok = _data(cfg, out, resume)
     primary = distributed.is_primary()
-    if primary:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     setup, state = init_train_state(cfg)
     distributed.check_tensor_axis_within_processes(setup.mesh.devices)
@@ -134,10 +187,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     eval_set = [distributed.from_replicated_host(b, batch_sh) for b in pipeline.fixed_batches(
         heldout_chunks, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
 
-    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    if primary:  # the run is accepted: the first writes
+        out.mkdir(parents=True, exist_ok=True)
+        if not (resume and (out / "tokenizer").exists()):
+            tok.save(out / "tokenizer")
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, clean=True)
     if resume:
-        state, data_state, saved_cfg = ckpt.restore(abstract_state(setup, state))
-        _check_resumed_config(saved_cfg, cfg)
+        state, data_state, _ = ckpt.restore(abstract_state(setup, state))
+        for unreadable in [s for s in ckpt.all_steps() if s > int(state["step"])]:
+            warn(f"moved the unreadable checkpoint to {ckpt.set_aside(unreadable)}; delete it when done with it")
         train_iter.set_state(_own_iterator_state(data_state))
 
     train_step = make_train_step(cfg, setup)
@@ -158,6 +217,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         for step in range(start + 1, cfg.train.steps + 1):
             batch = distributed.from_process_local(next(train_iter), batch_sh)
             state, metrics = train_step(state, batch)
+            ckpt.check()
             window_tokens += batch["inputs"].size
             window_steps += 1
             stop = preempted.reached(step - start)  # JAX counts sync steps from each launch
@@ -167,9 +227,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 host = _host(metrics)
                 last_loss = host["loss"]
                 if not (math.isfinite(last_loss) and host["params_finite"]):
-                    raise TrainingDiverged(f"loss {last_loss} / non-finite weights at step {step}; stopping. "
-                                           f"The last good checkpoint (step {ckpt.latest_step()}) is kept in "
-                                           f"{ckpt_dir}")
+                    raise _diverged(step, last_loss, ckpt)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / max(elapsed, 1e-9)
                 step_time = elapsed / max(window_steps, 1)
@@ -196,13 +254,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             if stop:
                 summary["preempted_at"] = step
                 break
-    finally:
-        bar.close()
-        ckpt.wait()
-        ckpt.close()
-        if writer:
-            writer.close()
-        preempted.close()
+    except BaseException:
+        _close(bar, ckpt, writer, preempted, quiet=True)  # the first error is the one to report
+        raise
+    _close(bar, ckpt, writer, preempted, quiet=False)
 
     summary.update(steps=int(state["step"]), best_eval_loss=best_eval,
                    wall_time_s=time.perf_counter() - started)  # this invocation only, when resumed
@@ -212,6 +267,29 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
              tau=cfg.optim.qk_clip_tau if cfg.optim.name == "muonclip" else None)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _diverged(step: int, loss: float, ckpt: Checkpointer) -> TrainingDiverged:
+    ckpt.wait()  # a save in flight is a good state: every saved step passed this check
+    last = ckpt.latest_step()
+    kept = (f"the last good checkpoint, step {last}, is kept in {ckpt.directory}" if last is not None else
+            "no checkpoint was saved before it")
+    return TrainingDiverged(f"training diverged at step {step} (loss {loss}, or non-finite weights); {kept}. "
+                            f"Lower optim.learning_rate or raise optim.warmup_steps"
+                            + (" and continue with --resume" if last is not None else ""))
+
+
+def _close(bar, ckpt: Checkpointer, writer, preempted, *, quiet: bool) -> None:
+    """Finish the save in flight and close everything; raise the first failure unless `quiet`."""
+    errors = []
+    for close in (bar.close, ckpt.wait, ckpt.close, writer.close if writer else None, preempted.close):
+        try:
+            if close is not None:
+                close()
+        except Exception as e:
+            errors.append(e)
+    if errors and not quiet:
+        raise errors[0]
 
 
 def _own_iterator_state(data_state: dict) -> dict:
