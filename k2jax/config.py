@@ -86,9 +86,15 @@ class ModelConfig:
     top_groups: int = 1
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
-    aux_loss_coef: float = 0.0  # load-balancing loss (softmax_topk router)
+    # Balance loss weight: Switch-style (softmax_topk) or DeepSeek-V3's sequence-wise loss (sigmoid_bias,
+    # V3 used 1e-4 beside its bias).
+    aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
-    bias_update_rate: float = 1e-3  # aux-loss-free balancing bias step (sigmoid_bias)
+    # How the sigmoid router's selection bias is updated after each step: Quantile Balancing (Kimi K3:
+    # set so that every expert would have taken k/E of the step's tokens), DeepSeek-V3's sign rule
+    # (bias += bias_update_rate * sign(mean load - load)), or never.
+    router_balance: Literal["quantile", "sign", "none"] = "quantile"
+    bias_update_rate: float = 1e-3  # step of the sign rule
     moe_dispatch: Literal["ragged", "capacity"] = "ragged"
     capacity_factor: float = 1.25
     # Ragged dispatch on a mesh with experts sharded over its expert axis, under shard_map:
@@ -160,6 +166,12 @@ class ModelConfig:
             _require(self.experts_per_token <= self.top_groups * per_group, "model.experts_per_token",
                      f"{self.experts_per_token} experts cannot be chosen from {self.top_groups} groups "
                      f"of {per_group}")
+            _require(self.router_balance in ("quantile", "sign", "none"), "model.router_balance",
+                     f"unknown rule {self.router_balance!r}; choose 'quantile', 'sign' or 'none'")
+            _require(self.router_balance != "quantile" or self.experts_per_token < self.num_experts,
+                     "model.router_balance", "quantile needs experts_per_token < num_experts (with k = E "
+                     "every expert takes every token)")
+            _require(self.aux_loss_coef >= 0, "model.aux_loss_coef", "must be >= 0")
             _require(self.capacity_factor > 0, "model.capacity_factor", "must be positive")
             _require(self.expert_buffer_factor >= 0, "model.expert_buffer_factor", "must be >= 0 (0: never drop)")
         _require(self.rms_eps > 0, "model.rms_eps", "must be positive")

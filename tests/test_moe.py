@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from k2jax.config import ModelConfig
-from k2jax.model.moe import MoE, RouterBias, route, update_router_bias
+from k2jax.model.moe import MoE, RouterBias, route, sign_bias
 from k2jax.params import param_info
 
 CFG = ModelConfig(d_model=32, num_experts=8, experts_per_token=2, expert_ffn_dim=16, num_shared_experts=1,
@@ -261,7 +261,7 @@ def test_router_losses_match_formulas():
 def test_bias_update_direction_and_not_a_param():
     bias = jnp.zeros((2, 4))
     counts = jnp.asarray([[10.0, 2.0, 4.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
-    new = np.asarray(update_router_bias(bias, counts, 0.1))
+    new = np.asarray(sign_bias(bias, counts, 0.1))
     np.testing.assert_allclose(new[0], [-0.1, 0.1, 0.1, 0.1])  # mean load 5: only expert 0 is overloaded
     np.testing.assert_array_equal(new[1], 0.0)  # perfectly balanced: unchanged
     moe = MoE(CFG, nnx.Rngs(0))

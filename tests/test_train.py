@@ -45,6 +45,7 @@ def test_smoke_loss_falls_and_artifacts(reference_run):
     assert sorted(losses) == list(range(1, 21))
     assert losses[20] < losses[1] - 0.5, losses
     assert math.isfinite(summary["final_eval_loss"])
+    assert 1 <= summary["expert_load_max_mean"] < 3  # quantile balancing keeps the tiny run balanced
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "tokenizer"):
         assert (out / name).exists(), name
     assert list((out / "tb").iterdir())
@@ -55,10 +56,13 @@ def test_metrics_fields(reference_run):
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     required = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time", "max_logit",
                 "max_logit_per_layer", "max_logit_per_head", "clipped_heads", "min_gamma", "expert_load_min",
-                "expert_load_max", "expert_balance", "aux_loss", "z_loss"}
+                "expert_load_max", "expert_balance", "expert_load_max_per_layer", "expert_load_min_per_layer",
+                "aux_loss", "z_loss"}
     for rec in records:
         assert required <= set(rec), required - set(rec)
         assert len(rec["max_logit_per_layer"]) == 2
+        assert len(rec["expert_load_max_per_layer"]) == len(rec["expert_load_min_per_layer"]) == 1
+        assert rec["expert_load_min_per_layer"][0] <= 1 <= rec["expert_load_max_per_layer"][0]
         assert set(rec["max_logit_per_head"]) == {"dense_layers", "moe_layers"}
     assert any("eval_loss" in rec for rec in records)
 
@@ -165,6 +169,10 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5),
                  a["params"], b["params"])
+    # Quantile Balancing's histograms add up over micro-batches: the same router bias
+    bias_a, bias_b = (np.asarray(s["model_state"]["moe_layers"]["ffn"]["bias"]) for s in (a, b))
+    assert np.abs(bias_a).max() > 1e-3
+    np.testing.assert_allclose(bias_a, bias_b, atol=1e-3)
     np.testing.assert_allclose(np.asarray(ma["max_logits"]["moe_layers"]), np.asarray(mb["max_logits"]["moe_layers"]),
                                rtol=1e-5)
 

@@ -6,9 +6,16 @@ splits the tokens, under shard_map with explicit collectives: `expert_parallel.p
 which exchanges token copies over the expert axis when the experts are split over it
 and otherwise runs each shard's tokens locally) or packs them into
 fixed-capacity (E, C, D) buffers with one-hot einsums (the GSPMD expert-parallel
-form, which drops overflow). The aux-loss-free balancing bias lives in a
-RouterBias variable that the optimizer never sees; `update_router_bias` is the
-pure update the train step applies after each step.
+form, which drops overflow).
+
+Balancing (sigmoid router): a per-expert selection bias in a RouterBias variable
+that the optimizer never sees, updated by the train step after each step
+(`new_router_bias`), either by DeepSeek-V3's sign rule (`bias += rate * sign(mean
+load - load)`) or by Quantile Balancing (Kimi K3): the forward pass records, per
+expert, a histogram of the bias each token would need to pick it, and the update
+sets each bias to the value that would have given every expert k/E of the tokens.
+`model.aux_loss_coef` adds a gradient-based balance loss on top (Switch-style for
+the softmax router, DeepSeek-V3's sequence-wise one for the sigmoid router).
 """
 
 from __future__ import annotations
@@ -52,10 +59,60 @@ def route(logits, bias, cfg: ModelConfig):
     return ids.astype(jnp.int32), weights * cfg.routed_scaling_factor
 
 
-def update_router_bias(bias, expert_counts, rate):
-    """bias (..., E) + rate * sign(mean load - load): overloaded experts become less likely."""
+QB_BINS = 1024  # histogram bins of Quantile Balancing over [min(bias) - 1, max(bias) + 1]
+
+
+def _bias_range(bias):
+    """(lo, hi) (...,) of the bias a token can need: sigmoid scores lie in (0, 1)."""
+    return jnp.min(bias, axis=-1) - 1.0, jnp.max(bias, axis=-1) + 1.0
+
+
+def balance_histogram(scores, bias, vmask, k: int):
+    """Quantile Balancing's statistic: (E, QB_BINS) counts of the bias each valid token needs to
+    pick each expert, i.e. its (k+1)-th best biased score minus its score for that expert.
+
+    scores (N, E) unbiased sigmoid scores, bias (E,), vmask (N,) float32.
+    """
+    n, e = scores.shape
+    cutoff = jax.lax.top_k(scores + bias, k + 1)[0][:, k]  # (N,)
+    need = cutoff[:, None] - scores  # (N, E)
+    lo, hi = _bias_range(bias)
+    bins = jnp.clip(((need - lo) / (hi - lo) * QB_BINS).astype(jnp.int32), 0, QB_BINS - 1)
+    flat = (bins + jnp.arange(e, dtype=jnp.int32) * QB_BINS).reshape(-1)
+    weights = jnp.broadcast_to(vmask[:, None], (n, e)).reshape(-1)
+    return jnp.zeros((e * QB_BINS,), jnp.float32).at[flat].add(weights).reshape(e, QB_BINS)
+
+
+def quantile_bias(hist, bias, k: int):
+    """The mean-zero bias (..., E) under which each expert would have been picked by k/E of the
+    tokens in `hist` (..., E, QB_BINS), read off each expert's cumulative histogram with linear
+    interpolation inside a bin; `bias` (the one the histogram was taken with) where it is empty."""
+    e, nb = hist.shape[-2:]
+    lo, hi = _bias_range(bias)
+    cum = jnp.cumsum(hist, axis=-1)
+    target = cum[..., -1:] * k / e  # (..., E, 1): every expert sees every token once
+    idx = jnp.minimum(jnp.sum(cum < target, axis=-1, keepdims=True), nb - 1)  # bin reaching the target
+    inside = jnp.take_along_axis(hist, idx, axis=-1)
+    before = jnp.take_along_axis(cum, idx, axis=-1) - inside
+    frac = jnp.clip((target - before) / jnp.maximum(inside, 1e-9), 0.0, 1.0)
+    new = lo[..., None] + (idx + frac)[..., 0] * ((hi - lo) / nb)[..., None]
+    new = new - jnp.mean(new, axis=-1, keepdims=True)  # top-k ignores a common shift
+    return jnp.where(cum[..., -1] > 0, new, bias)
+
+
+def sign_bias(bias, expert_counts, rate):
+    """DeepSeek-V3's rule: bias (..., E) + rate * sign(mean load - load)."""
     mean = jnp.mean(expert_counts, axis=-1, keepdims=True)
     return bias + rate * jnp.sign(mean - expert_counts).astype(bias.dtype)
+
+
+def new_router_bias(bias, stats: dict, cfg: ModelConfig):
+    """The selection bias after a step, from that step's MoE stats (expert_counts, balance_hist)."""
+    if cfg.router_balance == "quantile":
+        return quantile_bias(stats["balance_hist"], bias, cfg.experts_per_token).astype(bias.dtype)
+    if cfg.router_balance == "sign":
+        return sign_bias(bias, stats["expert_counts"], cfg.bias_update_rate)
+    return bias
 
 
 def dispatch_capacity(x, ids, weights, valid, w_gate, w_up, w_down, capacity_factor):
@@ -99,7 +156,8 @@ class MoE(nnx.Module):
         xf = x.reshape(b * t, d)
         vf = valid.reshape(-1)
         logits = xf.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # (N, E)
-        ids, weights = route(logits, self.bias[...], cfg)
+        bias = self.bias[...]
+        ids, weights = route(logits, bias, cfg)
         weights = weights * vf[:, None]
         cdt = dtype_of(cfg.compute_dtype)
         experts = (self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
@@ -123,22 +181,43 @@ class MoE(nnx.Module):
             y = y + self.shared(xf)
         vmask = vf.astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(ids, cfg.num_experts, dtype=jnp.float32) * vmask[:, None, None], axis=(0, 1))
-        return y.reshape(b, t, d).astype(x.dtype), {
+        stats = {
             "expert_counts": counts,
-            "aux_loss": cfg.aux_loss_coef * _balance_loss(logits, counts, vmask, cfg),
+            "aux_loss": (cfg.aux_loss_coef * _balance_loss(logits, ids, counts, vmask, b, cfg)
+                         if cfg.aux_loss_coef else jnp.zeros((), jnp.float32)),
             "z_loss": cfg.router_z_loss_coef * _z_loss(logits, vmask),
             "dropped_fraction": jnp.asarray(dropped, jnp.float32),
         }
+        if cfg.router == "sigmoid_bias" and cfg.router_balance == "quantile":
+            scores = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
+            stats["balance_hist"] = balance_histogram(scores, bias, vmask, cfg.experts_per_token)
+        return y.reshape(b, t, d).astype(x.dtype), stats
 
 
-def _balance_loss(logits, counts, vmask, cfg: ModelConfig):
-    """Switch-style E * sum_e f_e * P_e over valid tokens (softmax router only)."""
-    if cfg.router != "softmax_topk":
-        return jnp.zeros((), jnp.float32)
-    n_valid = jnp.maximum(jnp.sum(vmask), 1.0)
-    f = counts / (n_valid * cfg.experts_per_token)
-    p = jnp.sum(jax.nn.softmax(logits, axis=-1) * vmask[:, None], axis=0) / n_valid
-    return cfg.num_experts * jnp.sum(f * p)
+def _balance_loss(logits, ids, counts, vmask, batch: int, cfg: ModelConfig):
+    """Unscaled balance loss over valid tokens.
+
+    softmax_topk: Switch-style E * sum_e f_e P_e over the batch, f_e the fraction of
+    assignments to e and P_e its mean router probability.
+    sigmoid_bias: DeepSeek-V3's complementary sequence-wise loss, the mean over sequences of
+    sum_e f_e P_e with f_e = E / (K T) * (tokens of the sequence picking e) and P_e the mean of
+    e's score normalised over experts; only P_e carries gradient.
+    """
+    e, k = cfg.num_experts, cfg.experts_per_token
+    if cfg.router == "softmax_topk":
+        n_valid = jnp.maximum(jnp.sum(vmask), 1.0)
+        f = counts / (n_valid * k)
+        p = jnp.sum(jax.nn.softmax(logits, axis=-1) * vmask[:, None], axis=0) / n_valid
+        return e * jnp.sum(f * p)
+    scores = jax.nn.sigmoid(logits)
+    share = (scores / jnp.sum(scores, axis=-1, keepdims=True)).reshape(batch, -1, e)  # (B, T, E)
+    mask = vmask.reshape(batch, -1, 1)
+    picks = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32), axis=1).reshape(batch, -1, e)
+    length = jnp.maximum(jnp.sum(mask, axis=1), 1.0)  # (B, 1)
+    f = jnp.sum(picks * mask, axis=1) * e / (k * length)  # (B, E)
+    p = jnp.sum(share * mask, axis=1) / length
+    has_tokens = (jnp.sum(mask, axis=(1, 2)) > 0).astype(jnp.float32)
+    return jnp.sum(jnp.sum(f * p, axis=-1) * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
 
 
 def _z_loss(logits, vmask):

@@ -14,7 +14,7 @@ from flax import nnx
 from k2jax.config import ModelConfig
 from k2jax.model.attention import Attention
 from k2jax.model.layers import Embed, RMSNorm, SwiGLU, make_param
-from k2jax.model.moe import MoE, update_router_bias
+from k2jax.model.moe import MoE, new_router_bias
 from k2jax.model.rope import rope_tables
 
 DENSE, MOE = "dense_layers", "moe_layers"
@@ -102,6 +102,7 @@ class Transformer(nnx.Module):
         Returns logits (B, T, V) in float32 and a stats dict:
           max_logits[key]: (L, H) or (H,) float32, keyed like the params' qk_stats;
           expert_counts[key]: (L, E) or (E,) tokens routed per expert (MoE stacks);
+          balance_hist[key]: (L, E, QB_BINS) or (E, QB_BINS), with router_balance=quantile;
           aux_loss, z_loss: scalars summed over layers; dropped_fraction: mean over MoE layers.
         """
         b, t = tokens.shape
@@ -129,13 +130,14 @@ class Transformer(nnx.Module):
             return [(MOE, self.moe_layers)]
         return [(f"{MOE}.{i}", blk) for i, blk in enumerate(self.moe_layers)]
 
-    def update_router_biases(self, expert_counts: dict, rate: float) -> None:
-        """Aux-loss-free balancing: nudge each MoE layer's router bias toward equal load."""
+    def update_router_biases(self, stats: dict) -> None:
+        """Move each MoE layer's selection bias toward equal load (sigmoid router), per
+        model.router_balance, from a step's stats (expert_counts and, for quantile, balance_hist)."""
         if self.cfg.router != "sigmoid_bias":
             return
         for key, block in self.moe_blocks():
-            bias = block.ffn.bias
-            bias.value = update_router_bias(bias.value, expert_counts[key], rate)
+            layer_stats = {name: stats[name][key] for name in ("expert_counts", "balance_hist") if key in stats[name]}
+            block.ffn.bias.value = new_router_bias(block.ffn.bias.value, layer_stats, self.cfg)
 
 
 def _collect_stats(per_layer: dict) -> dict:
@@ -145,6 +147,7 @@ def _collect_stats(per_layer: dict) -> dict:
     return {
         "max_logits": max_logits,
         "expert_counts": {k: v["expert_counts"] for k, v in moe.items()},
+        "balance_hist": {k: v["balance_hist"] for k, v in moe.items() if "balance_hist" in v},
         "aux_loss": sum((jnp.sum(v["aux_loss"]) for v in moe.values()), zero),
         "z_loss": sum((jnp.sum(v["z_loss"]) for v in moe.values()), zero),
         "dropped_fraction": (jnp.mean(jnp.stack([jnp.mean(v["dropped_fraction"]) for v in moe.values()]))

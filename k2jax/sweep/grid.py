@@ -32,8 +32,7 @@ from k2jax.config import Config, ConfigError, load_config
 from k2jax.train import flops as flops_lib
 
 RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "attention_flops", "final_loss",
-                 "final_eval_loss",
-                 "best_eval_loss", "max_logit", "wall_time_s", "steps")
+                 "final_eval_loss", "best_eval_loss", "max_logit", "expert_load_max_mean", "wall_time_s", "steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +126,7 @@ def result_row(sweep: Sweep, run: Run) -> dict | None:
             "tokens": tokens, "flops": tokens * per_token["total"], "attention_flops": tokens * per_token["attention"],
             "final_loss": summary.get("final_loss"), "final_eval_loss": summary.get("final_eval_loss"),
             "best_eval_loss": summary.get("best_eval_loss"), "max_logit": summary.get("max_logit"),
+            "expert_load_max_mean": summary.get("expert_load_max_mean"),
             "wall_time_s": summary.get("wall_time_s"), "steps": summary["steps"]}
 
 

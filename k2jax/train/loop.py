@@ -27,7 +27,7 @@ from k2jax.parallel import distributed
 from k2jax.parallel.sharding import batch_sharding
 from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag, finished_steps, saved_config, warn
-from k2jax.train.metrics import MetricsWriter, plot_run
+from k2jax.train.metrics import LoadMonitor, MetricsWriter, plot_run
 from k2jax.train.step import abstract_state, init_train_state, make_eval_step, make_train_step
 
 
@@ -153,12 +153,16 @@ def _layer_order(key: str):
 
 
 def _expert_load(counts: dict) -> dict:
+    """Expert load statistics of a step; per-layer lists in model order."""
     if not counts:
         return {}
-    loads = np.concatenate([np.asarray(v).reshape(-1, np.asarray(v).shape[-1]) for v in counts.values()])
-    mean = loads.mean(axis=-1, keepdims=True)
+    loads = np.concatenate([np.asarray(counts[k]).reshape(-1, np.asarray(counts[k]).shape[-1])
+                            for k in sorted(counts, key=_layer_order)])  # (MoE layers, E)
+    mean = np.maximum(loads.mean(axis=-1), 1e-9)
+    high, low = loads.max(axis=-1) / mean, loads.min(axis=-1) / mean
     return {"expert_load_min": float(loads.min()), "expert_load_max": float(loads.max()),
-            "expert_balance": float((loads.max(axis=-1) / np.maximum(mean[:, 0], 1e-9)).mean())}
+            "expert_balance": float(high.mean()),
+            "expert_load_max_per_layer": high.tolist(), "expert_load_min_per_layer": low.tolist()}
 
 
 def evaluate(eval_step, state, batches) -> float:
@@ -204,6 +208,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
     writer = MetricsWriter(out) if primary else None
+    loads = LoadMonitor(cfg.train.steps)
     preempted = PreemptionFlag()
 
     start = int(state["step"])
@@ -240,6 +245,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if writer:
                     writer.write(step, record)
+                for warning in loads.update(step, record.get("expert_load_max_per_layer", [])):
+                    if primary:
+                        tqdm.write(warning)
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                 max_logit=f"{record['max_logit']:.1f}", refresh=False)
                 summary.update(final_loss=last_loss, tokens_per_s=tokens_per_s,
@@ -259,7 +267,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         raise
     _close(bar, ckpt, writer, preempted, quiet=False)
 
-    summary.update(steps=int(state["step"]), best_eval_loss=best_eval,
+    summary.update(steps=int(state["step"]), best_eval_loss=best_eval, expert_load_max_mean=loads.settled(),
                    wall_time_s=time.perf_counter() - started)  # this invocation only, when resumed
     if not primary:
         return summary

@@ -66,18 +66,62 @@ class MetricsWriter:
             self._tb.close()
 
 
+class LoadMonitor:
+    """Watches each MoE layer's max/mean expert load over logged steps.
+
+    `update` returns a warning when a layer has stayed above `limit` x its mean load for
+    `patience` steps (once per such stretch); `settled()` is the worst layer's mean max/mean
+    load over the steps logged after `settle` (or over the second half of a shorter run).
+    """
+
+    def __init__(self, total_steps: int, limit: float = 3.0, patience: int = 50, settle: int = 50):
+        self.limit, self.patience = limit, patience
+        self.settle = min(settle, total_steps // 2)
+        self._above_since: dict[int, int] = {}
+        self._warned: set[int] = set()
+        self._sums: list[float] = []
+        self._count = 0
+
+    def update(self, step: int, max_per_layer: list[float]) -> list[str]:
+        warnings = []
+        for layer, ratio in enumerate(max_per_layer):
+            if ratio <= self.limit:
+                self._above_since.pop(layer, None)
+                self._warned.discard(layer)
+                continue
+            since = self._above_since.setdefault(layer, step)
+            if step - since >= self.patience and layer not in self._warned:
+                self._warned.add(layer)
+                warnings.append(f"warning: MoE layer {layer} has sent over {self.limit:g}x the mean load to one "
+                                f"expert since step {since} (now {ratio:.1f}x): routing is collapsing; see "
+                                f"expert_load_max_per_layer in metrics.jsonl and model.router_balance")
+        if step > self.settle:
+            if not self._sums:
+                self._sums = [0.0] * len(max_per_layer)
+            self._sums = [a + b for a, b in zip(self._sums, max_per_layer)]
+            self._count += 1
+        return warnings
+
+    def settled(self) -> float | None:
+        """Worst layer's mean max/mean load after settling (None if nothing was logged then)."""
+        return max(s / self._count for s in self._sums) if self._count else None
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None = None) -> None:
-    """Two panels: train/eval loss over steps; per-layer max attention logit over steps (tau dashed)."""
+    """Panels: train/eval loss; per-layer max attention logit (tau dashed); and, for MoE models,
+    each MoE layer's max/mean (solid) and min/mean (dashed) expert load, all over steps."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     records = {r["step"]: r for r in read_metrics(metrics_jsonl)}  # a resumed run re-logs steps: keep the last
     steps = sorted(records)
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_logit = fig.subplots(1, 2)
+    loads = [(s, records[s]["expert_load_max_per_layer"], records[s]["expert_load_min_per_layer"])
+             for s in steps if records[s].get("expert_load_max_per_layer")]
+    fig = Figure(figsize=(16 if loads else 11, 4))
+    ax_loss, ax_logit, *ax_load = fig.subplots(1, 3 if loads else 2)
     train = [(s, records[s]["loss"]) for s in steps if records[s].get("loss") is not None]
     evals = [(s, records[s]["eval_loss"]) for s in steps if records[s].get("eval_loss") is not None]
     if train:
@@ -96,5 +140,19 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
         ax_logit.axhline(tau, linestyle="--", color="k", label=f"tau = {tau:g}")
     ax_logit.set(title="Max attention logit per layer", xlabel="step", ylabel="max pre-softmax logit")
     ax_logit.legend(fontsize="small")
+    if loads:
+        _plot_loads(ax_load[0], loads)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+
+
+def _plot_loads(ax, loads) -> None:
+    xs = [s for s, _, _ in loads]
+    high = np.asarray([h for _, h, _ in loads], dtype=float)
+    low = np.asarray([m for _, _, m in loads], dtype=float)
+    for layer in range(high.shape[1]):
+        line, = ax.plot(xs, high[:, layer], label=f"MoE layer {layer}")
+        ax.plot(xs, low[:, layer], "--", color=line.get_color())
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set(title="Expert load / mean (max solid, min dashed)", xlabel="step", ylabel="tokens / mean tokens")
+    ax.legend(fontsize="small")

@@ -215,7 +215,6 @@ def make_train_step(cfg: Config, setup: TrainSetup):
     over cfg.train.grad_accum micro-batches. The state argument is donated."""
     graphdef, schedule = setup.graphdef, setup.schedule
     n_micro = cfg.train.grad_accum
-    bias_rate = cfg.model.bias_update_rate
     grads_fn = _accumulated_grads(cfg, setup)
 
     @_with_mesh(setup.mesh)
@@ -225,7 +224,7 @@ def make_train_step(cfg: Config, setup: TrainSetup):
         new_params, opt_state = _apply_update(setup, state, grads, stats["max_logits"])
 
         model = nnx.merge(graphdef, new_params, state["model_state"])
-        model.update_router_biases(stats["expert_counts"], bias_rate)
+        model.update_router_biases(stats)
         _, _, new_model_state = nnx.split(model, nnx.Param, ...)
 
         new_state = {
@@ -260,6 +259,7 @@ def _merge_stats(a: dict, b: dict) -> dict:
     return {
         "max_logits": jax.tree.map(jnp.maximum, a["max_logits"], b["max_logits"]),
         "expert_counts": jax.tree.map(jnp.add, a["expert_counts"], b["expert_counts"]),
+        "balance_hist": jax.tree.map(jnp.add, a["balance_hist"], b["balance_hist"]),
         "aux_loss": a["aux_loss"] + b["aux_loss"],
         "z_loss": a["z_loss"] + b["z_loss"],
         "dropped_fraction": jnp.maximum(a["dropped_fraction"], b["dropped_fraction"]),
