@@ -135,3 +135,38 @@ def test_tmp_leftover_fresh_start_resume_checks_and_corrupt_latest(tmp_path, cap
     assert (out / "checkpoints" / "4.unreadable").is_dir()
     assert finished_steps(out / "checkpoints") == [6]  # keep=1, and step 6 has the best eval loss
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+# --- sweeps ----------------------------------------------------------------------------------------------
+
+
+def _sweep_file(tmp_path, grid) -> Path:
+    spec = {"name": "t", "base": str(TINY), "out_dir": str(tmp_path / "sweep"),
+            "set": {"train.steps": 4, "train.eval_every": 2, "train.log_every": 1, "checkpoint.every": 2,
+                    "checkpoint.async_save": False}, "grid": grid}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_preempted_run_stops_the_sweep_is_not_a_result_and_is_resumed(tmp_path, monkeypatch):
+    from k2jax.sweep.grid import load_sweep, run_sweep
+    from k2jax.train.checkpoint import PreemptionFlag
+    from k2jax.train.loop import Preempted
+
+    sweep = load_sweep(_sweep_file(tmp_path, {"optim.name": ["muonclip", "adamw"]}))
+    first, second = (sweep.out_dir / run.name for run in sweep.runs)
+    monkeypatch.setattr(PreemptionFlag, "reached", lambda self, step: step >= 3)  # SIGTERM during step 3
+    with pytest.raises(Preempted, match="name=muonclip was preempted at step 3.*run the sweep again"):
+        run_sweep(sweep, log=lambda _: None)
+    assert json.loads((first / "summary.json").read_text())["preempted_at"] == 3
+    assert not second.exists()  # the sweep stopped
+    assert (sweep.out_dir / "results.csv").read_text().strip().count("\n") == 0  # header only
+    monkeypatch.undo()
+    log = []
+    results = run_sweep(sweep, log=log.append)
+    assert "name=muonclip: resuming" in log[0]
+    rows = results.read_text().strip().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["name=muonclip", "name=adamw"]
+    assert all(r.split(",")[-1] == "4" for r in rows)  # steps: both ran to the end
+    assert "preempted_at" not in json.loads((first / "summary.json").read_text())

@@ -13,8 +13,10 @@ A sweep file (experiments/sweeps/*.yaml):
         d128: {model.d_model: 128, model.num_heads: 4}
 
 Each run trains into out_dir/RUN (RUN joins the axis values); a run with a
-summary.json is finished and skipped, one with checkpoints but no summary is
-resumed. results.csv gets one row per finished run.
+summary.json is finished and skipped, one with checkpoints but no summary, or a
+summary saying it was preempted, is resumed. A preempted run stops the sweep
+(Preempted); rerunning the sweep resumes it. results.csv gets one row per
+finished run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import yaml
 
 from k2jax.config import Config, ConfigError, load_config
 from k2jax.train import flops as flops_lib
+from k2jax.train.checkpoint import finished_steps
 
 RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "attention_flops", "final_loss",
                  "final_eval_loss", "best_eval_loss", "max_logit", "expert_load_max_mean", "wall_time_s", "steps")
@@ -130,15 +133,39 @@ def result_row(sweep: Sweep, run: Run) -> dict | None:
             "wall_time_s": summary.get("wall_time_s"), "steps": summary["steps"]}
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether a run directory holds a finished run: a readable summary.json without `preempted_at`."""
+    try:
+        return "preempted_at" not in json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def run_dirs(sweep: Sweep) -> list[Path]:
+    """The run directories of the sweep that exist."""
+    return [sweep.out_dir / run.name for run in sweep.runs if (sweep.out_dir / run.name).is_dir()]
+
+
 def write_results(sweep: Sweep) -> Path:
-    """results.csv with a row per finished run (rewritten whole, so it is never half-updated)."""
-    rows = [row for run in sweep.runs if (row := result_row(sweep, run)) is not None]
-    axes = list(sweep.runs[0].axes)
+    """results.csv with a row per finished run (rewritten whole, so it is never half-updated). A run that
+    has not finished here keeps the row results.csv had for it: rows are never dropped."""
     path = sweep.out_dir / "results.csv"
+    kept = {}
+    if path.is_file():
+        with path.open(newline="") as f:
+            kept = {row["run"]: row for row in csv.DictReader(f) if row.get("run")}
+    rows = []
+    for run in sweep.runs:
+        out = sweep.out_dir / run.name
+        if finished(out) and (row := result_row(sweep, run)) is not None:
+            rows.append(row)
+        elif run.name in kept:
+            rows.append(kept[run.name])
+    axes = list(sweep.runs[0].axes)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["run", *axes, *RESULT_FIELDS[1:]])
+        writer = csv.DictWriter(f, fieldnames=["run", *axes, *RESULT_FIELDS[1:]], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
@@ -146,17 +173,21 @@ def write_results(sweep: Sweep) -> Path:
 
 
 def run_sweep(sweep: Sweep, log=print) -> Path:
-    """Train every unfinished run in order; returns the results table."""
-    from k2jax.train.loop import train
+    """Train every unfinished run in order; returns the results table. Raises Preempted, after recording
+    the finished runs, when a run is preempted."""
+    from k2jax.train.loop import Preempted, train
 
     for i, run in enumerate(sweep.runs, 1):
         out = sweep.out_dir / run.name
-        if (out / "summary.json").is_file():
+        if finished(out):
             log(f"[{i}/{len(sweep.runs)}] {run.name}: finished, skipped")
             continue
-        resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+        resume = bool(finished_steps(out / "checkpoints"))
         log(f"[{i}/{len(sweep.runs)}] {run.name}: {'resuming' if resume else 'training'}")
         summary = train(sweep.config(run), resume=resume)
-        log(f"[{i}/{len(sweep.runs)}] {run.name}: eval loss {summary.get('final_eval_loss', float('nan')):.4f}")
         write_results(sweep)
+        if "preempted_at" in summary:
+            raise Preempted(f"sweep {sweep.name}: run {run.name} was preempted at step {summary['preempted_at']} "
+                            f"(checkpoint saved); run the sweep again to resume it")
+        log(f"[{i}/{len(sweep.runs)}] {run.name}: eval loss {summary.get('final_eval_loss', float('nan')):.4f}")
     return write_results(sweep)
