@@ -106,14 +106,23 @@ def cmd_sweep(args) -> int:
 
 def cmd_analyze(args) -> int:
     from k2jax.sweep.analysis import analyze
-    from k2jax.sweep.grid import load_sweep, write_results
+    from k2jax.sweep.grid import load_sweep, run_dirs, write_results
 
-    sweep = load_sweep(args.file)
-    write_results(sweep)
-    result = analyze(sweep.out_dir, arm=args.arm, reference=args.reference,
-                     y=args.y, title=sweep.name, curves=args.curves)
+    if Path(args.file).is_dir():  # a results.csv kept without its sweep file (e.g. experiments/results/*)
+        sweep_dir, title = Path(args.file), Path(args.file).name
+    else:
+        sweep = load_sweep(args.file)
+        sweep_dir, title = sweep.out_dir, sweep.name
+        if run_dirs(sweep):
+            write_results(sweep)  # keeps the rows of runs whose directories are gone
+        elif (sweep_dir / "results.csv").is_file():
+            print(f"{sweep_dir} has no run directories: analysing its results.csv as it is")
+    result = analyze(sweep_dir, arm=args.arm, reference=args.reference, y=args.y, title=title, curves=args.curves)
     print(json.dumps(result, indent=2))
-    print(f"report: {sweep.out_dir / 'report' / 'report.md'}")
+    for name, fit in result["arms"].items():
+        if fit["degenerate"]:
+            print(f"arm {name}: degenerate fit ({fit['degenerate']}); its numbers are not estimates")
+    print(f"report: {sweep_dir / 'report' / 'report.md'}")
     return 0
 
 
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("analyze", help="fit loss vs compute per arm; plots and a Markdown report")
-    p.add_argument("file", help="the sweep YAML whose results to analyze")
+    p.add_argument("file", help="the sweep YAML whose results to analyze, or a directory holding a results.csv")
     p.add_argument("--arm", help="results column that defines the arms (e.g. optim.name)")
     p.add_argument("--reference", help="the arm multipliers are measured against (default: the first)")
     p.add_argument("--y", default="final_eval_loss", help="results column to fit (default final_eval_loss)")

@@ -170,3 +170,28 @@ def test_preempted_run_stops_the_sweep_is_not_a_result_and_is_resumed(tmp_path, 
     assert [r.split(",")[0] for r in rows] == ["name=muonclip", "name=adamw"]
     assert all(r.split(",")[-1] == "4" for r in rows)  # steps: both ran to the end
     assert "preempted_at" not in json.loads((first / "summary.json").read_text())
+
+
+def test_analyze_a_kept_results_csv_without_rewriting_it_and_name_degenerate_fits(tmp_path, capsys):
+    from k2jax.cli import main
+    from k2jax.sweep.analysis import AnalysisError, analyze
+
+    path = _sweep_file(tmp_path, {"model.num_heads": [2, 4, 8]})  # the committed heads ablation's run names
+    out = tmp_path / "sweep"
+    out.mkdir()
+    shutil.copy(ROOT / "experiments" / "results" / "heads_cpu" / "results.csv", out / "results.csv")
+    before = (out / "results.csv").read_bytes()
+    assert main(["analyze", str(path)]) == 0  # no run directories: the table is analysed as it is
+    printed = capsys.readouterr().out
+    assert "analysing its results.csv as it is" in printed
+    assert "degenerate fit (three points for three parameters" in printed
+    assert (out / "results.csv").read_bytes() == before
+    report = (out / "report" / "report.md").read_text()
+    assert "three points for three parameters" in report and "metrics.jsonl) are not here" in report
+    assert main(["analyze", str(out)]) == 0 and (out / "results.csv").read_bytes() == before  # a directory
+    with pytest.raises(AnalysisError, match="--curves reads each run's metrics.jsonl"):
+        analyze(out, curves=True)
+
+    (out / "num_heads=2").mkdir()  # a run started again here and not finished: its kept row stays
+    assert main(["analyze", str(path)]) == 0
+    assert (out / "results.csv").read_text().count("\n") == before.decode().count("\n")

@@ -6,8 +6,8 @@ by least squares (scipy). The compute multiplier of an arm over the reference
 arm is C_ref(L) / C_arm(L) at the loss the arm reaches with its largest budget:
 how many times more compute the reference needs for the same loss (> 1: the arm
 is more efficient). Its uncertainty comes from drawing fit parameters from the
-fits' covariance; a fit through exactly three points, or one with a parameter at
-its bound, has none and no uncertainty is reported.
+fits' covariance. A degenerate fit (three points for three parameters, a parameter
+at its bound, no finite covariance) is reported as such, and no interval comes from it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,17 @@ import csv
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 C0 = 1e12  # compute scale (FLOPs) that keeps the fit well conditioned
+ALPHA_BOUNDS = (1e-3, 3.0)
+
+
+class AnalysisError(ValueError):
+    """There is nothing (or too little) to analyse."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +35,7 @@ class PowerLawFit:
     a: float
     alpha: float
     cov: np.ndarray  # (3, 3) covariance of (e, a, alpha); inf where undetermined
+    degenerate: str = ""  # why the fit does not estimate anything ("" for a proper fit)
 
     def loss(self, compute):
         return self.e + self.a * (np.asarray(compute, float) / C0) ** -self.alpha
@@ -46,16 +53,38 @@ def power_law(c, e, a, alpha):
 
 def fit_power_law(compute, loss) -> PowerLawFit:
     """Least-squares fit of L = E + A (C/C0)^-alpha to three or more (compute, loss) points."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     compute, loss = np.asarray(compute, float), np.asarray(loss, float)
     if len(compute) < 3:
         raise ValueError(f"a power law with an irreducible term needs >= 3 runs, got {len(compute)}")
     lo = float(loss.min())
     p0 = (0.8 * lo, float(loss.max() - 0.8 * lo) * (compute.min() / C0) ** 0.3, 0.3)
-    params, cov = curve_fit(power_law, compute, loss, p0=p0, bounds=([0, 0, 1e-3], [lo, np.inf, 3.0]),
-                            maxfev=20000)
-    return PowerLawFit(*map(float, params), np.asarray(cov, float))
+    with warnings.catch_warnings():  # an undetermined covariance is reported as a degenerate fit
+        warnings.simplefilter("ignore", OptimizeWarning)
+        params, cov = curve_fit(power_law, compute, loss, p0=p0, bounds=([0, 0, ALPHA_BOUNDS[0]], [lo, np.inf,
+                                ALPHA_BOUNDS[1]]), maxfev=20000)
+    e, a, alpha = map(float, params)
+    cov = np.asarray(cov, float)
+    reasons = _at_bounds(e, alpha, lo)
+    if len(compute) == 3:
+        reasons.insert(0, "three points for three parameters")
+    if not np.all(np.isfinite(cov)):
+        reasons.append("no finite covariance")
+    return PowerLawFit(e, a, alpha, cov, "; ".join(reasons))
+
+
+def _at_bounds(e: float, alpha: float, lowest_loss: float) -> list[str]:
+    """The fit parameters that ended at a bound of the fit: the data did not determine them."""
+    def near(x: float, bound: float) -> bool:
+        return abs(x - bound) <= 1e-3 * max(abs(bound), 1e-3)
+
+    out = []
+    if near(e, 0.0) or near(e, lowest_loss):
+        out.append(f"E = {e:.3g} at its bound ({'0' if near(e, 0.0) else 'the lowest loss'})")
+    if near(alpha, ALPHA_BOUNDS[0]) or near(alpha, ALPHA_BOUNDS[1]):
+        out.append(f"alpha = {alpha:.3g} at its bound")
+    return out
 
 
 def fit_shared_multipliers(points: dict[str, list[tuple[float, float]]], reference: str) -> dict:
@@ -65,7 +94,7 @@ def fit_shared_multipliers(points: dict[str, list[tuple[float, float]]], referen
     curves; the price is assuming every arm has the same E and alpha. Returns
     arm -> {"value": m, "interval_68": (lo, hi) or None} for every arm but the reference.
     """
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     names = [reference, *[n for n in points if n != reference]]
     compute = np.concatenate([[c for c, _ in points[n]] for n in names])
@@ -78,13 +107,21 @@ def fit_shared_multipliers(points: dict[str, list[tuple[float, float]]], referen
 
     lo = float(loss.min())
     p0 = [0.8 * lo, float(loss.max() - 0.8 * lo) * (compute.min() / C0) ** 0.3, 0.3] + [0.0] * (len(names) - 1)
-    bounds = ([0, 0, 1e-3] + [-5.0] * (len(names) - 1), [lo, np.inf, 3.0] + [5.0] * (len(names) - 1))
-    params, cov = curve_fit(model, compute, loss, p0=p0, bounds=bounds, maxfev=20000)
+    bounds = ([0, 0, ALPHA_BOUNDS[0]] + [-5.0] * (len(names) - 1), [lo, np.inf, ALPHA_BOUNDS[1]] + [5.0] * (len(names) - 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizeWarning)
+        params, cov = curve_fit(model, compute, loss, p0=p0, bounds=bounds, maxfev=20000)
+    shape = _at_bounds(float(params[0]), float(params[2]), lo)
+    if len(compute) <= len(params):
+        shape.insert(0, f"{len(compute)} points for {len(params)} parameters")
     out = {}
     for i, name in enumerate(names[1:]):
         log_m, var = params[3 + i], cov[3 + i, 3 + i]
-        sd = math.sqrt(var) if math.isfinite(var) and var >= 0 else None
-        out[name] = {"vs": reference, "value": math.exp(log_m),
+        reasons = shape + ([f"m at its bound e^{log_m:+.0f}"] if abs(abs(log_m) - 5.0) < 5e-3 else [])
+        if not (math.isfinite(var) and var >= 0):
+            reasons.append("no finite covariance")
+        sd = None if reasons else math.sqrt(var)
+        out[name] = {"vs": reference, "value": math.exp(log_m), "degenerate": "; ".join(reasons),
                      "interval_68": (math.exp(log_m - sd), math.exp(log_m + sd)) if sd is not None else None}
     return out
 
@@ -95,8 +132,8 @@ def compute_multiplier(reference: PowerLawFit, arm: PowerLawFit, loss: float) ->
 
 def multiplier_interval(reference: PowerLawFit, arm: PowerLawFit, loss: float, draws: int = 2000,
                         seed: int = 0) -> tuple[float, float] | None:
-    """16th-84th percentile of the multiplier over parameter draws; None if a fit has no finite covariance."""
-    if not (np.all(np.isfinite(reference.cov)) and np.all(np.isfinite(arm.cov))):
+    """16th-84th percentile of the multiplier over parameter draws; None if either fit is degenerate."""
+    if reference.degenerate or arm.degenerate:
         return None
     rng = np.random.default_rng(seed)
     values = []
@@ -133,11 +170,17 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
     runs with a constant learning rate, where one run per arm is a loss-vs-compute series.
     """
     sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "results.csv").is_file():
+        raise AnalysisError(f"{sweep_dir} has no results.csv: run the sweep first")
     rows = [r for r in read_results(sweep_dir / "results.csv") if isinstance(r.get(y), float) and math.isfinite(r[y])]
     if not rows:
-        raise ValueError(f"{sweep_dir / 'results.csv'} has no finished run with a finite {y}")
+        raise AnalysisError(f"{sweep_dir / 'results.csv'} has no finished run with a finite {y}")
     if arm is not None and arm not in rows[0]:
-        raise ValueError(f"arm {arm!r} is not a column of results.csv ({sorted(rows[0])})")
+        raise AnalysisError(f"--arm {arm!r} is not a column of results.csv ({', '.join(rows[0])})")
+    missing = [r["run"] for r in rows if not (sweep_dir / r["run"] / "metrics.jsonl").is_file()]
+    if curves and missing:
+        raise AnalysisError(f"--curves reads each run's metrics.jsonl; {len(missing)} runs have none in {sweep_dir} "
+                            f"(e.g. {missing[0]}): analyse without --curves")
     points: dict[str, list[tuple[float, float]]] = {}  # arm -> [(compute, loss)]
     for row in rows:
         name = _arm_name(row[arm]) if arm else "all"
@@ -151,7 +194,8 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
             fits[name] = fit_power_law(*zip(*pts))
         except RuntimeError as e:  # curve_fit found no minimum: points that do not follow a power law
             unfitted[name] = f"no fit: {e}"
-    result = {"arms": {name: {"e": f.e, "a": f.a, "alpha": f.alpha} for name, f in fits.items()}, "multipliers": {},
+    result = {"arms": {name: {"e": f.e, "a": f.a, "alpha": f.alpha, "degenerate": f.degenerate}
+                       for name, f in fits.items()}, "multipliers": {},
               "unfitted": unfitted, "points": "held-out curves" if curves else y}
     reference = _arm_name(reference) if reference is not None else None
     reference = reference if reference in fits else next(iter(fits), None)
@@ -159,9 +203,11 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
         if name == reference:
             continue
         target = float(fit.loss(max(c for c, _ in points[name])))
+        degenerate = "; ".join(f"{n}: {fits[n].degenerate}" for n in (reference, name) if fits[n].degenerate)
         result["multipliers"][name] = {"vs": reference, "at_loss": target,
                                        "value": compute_multiplier(fits[reference], fit, target),
-                                       "interval_68": multiplier_interval(fits[reference], fit, target)}
+                                       "interval_68": multiplier_interval(fits[reference], fit, target),
+                                       "degenerate": degenerate}
     if reference is not None and len(fits) >= 2:
         try:
             result["shared_fit_multipliers"] = fit_shared_multipliers({n: points[n] for n in fits}, reference)
@@ -170,7 +216,10 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     _plot_fits(points, fits, "held-out loss" if curves else y, out / "loss_vs_compute.png", title)
-    _plot_curves(sweep_dir, [r["run"] for r in rows], out / "curves.png", title)
+    with_metrics = [r["run"] for r in rows if r["run"] not in missing]
+    if with_metrics:
+        _plot_curves(sweep_dir, with_metrics, out / "curves.png", title)
+    result["curves_plotted"] = len(with_metrics)
     (out / "fits.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(_markdown(rows, result, y, title or sweep_dir.name))
     return result
@@ -246,14 +295,17 @@ def _markdown(rows, result, y, title) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     if result["arms"]:
-        lines += ["", f"Fits of loss = E + A (C/1e12)^-alpha to {result['points']}:", "", "| arm | E | A | alpha |", "|---|---|---|---|"]
-        lines += [f"| {n} | {f['e']:.3f} | {f['a']:.3f} | {f['alpha']:.3f} |" for n, f in result["arms"].items()]
+        lines += ["", f"Fits of loss = E + A (C/1e12)^-alpha to {result['points']}:", "",
+                  "| arm | E | A | alpha | degenerate |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {f['e']:.3f} | {f['a']:.3f} | {f['alpha']:.3f} | {f['degenerate'] or 'no'} |"
+                  for n, f in result["arms"].items()]
     lines += [f"\nNo fit for arm {name}: {why}." for name, why in result["unfitted"].items()]
     for name, m in result["multipliers"].items():
         interval = m["interval_68"]
-        spread = (f" (68%: {interval[0]:.2f}-{interval[1]:.2f})" if interval else
-                  " (no interval: a fit through three points, or with a parameter at its bound, has no finite "
-                  "covariance)")
+        if m["degenerate"]:
+            spread = f" (not an estimate: degenerate fits, {m['degenerate']})"
+        else:
+            spread = f" (68%: {interval[0]:.2f}-{interval[1]:.2f})" if interval else " (no interval)"
         lines.append(f"\nCompute multiplier of **{name}** over {m['vs']} at loss {m['at_loss']:.3f}: "
                      f"**{m['value']:.2f}x**{spread}.")
     shared = result.get("shared_fit_multipliers", {})
@@ -264,8 +316,13 @@ def _markdown(rows, result, y, title) -> str:
                   "m > 1 means the arm needs 1/m of the reference's compute for any loss.", "",
                   "| arm | m vs reference | 68% interval |", "|---|---|---|"]
         lines += [f"| {n} | {m['value']:.3f} | " + (f"{m['interval_68'][0]:.3f}-{m['interval_68'][1]:.3f}"
-                                                    if m["interval_68"] else "-") + " |" for n, m in shared.items()]
-    lines += ["", "![loss vs compute](loss_vs_compute.png)", "", "![curves](curves.png)", ""]
+                                                    if m["interval_68"] else f"degenerate: {m['degenerate']}")
+                  + " |" for n, m in shared.items()]
+    lines += ["", "![loss vs compute](loss_vs_compute.png)", ""]
+    if result["curves_plotted"]:
+        lines += ["![curves](curves.png)", ""]
+    else:
+        lines += ["No per-run curves: the run directories (metrics.jsonl) are not here.", ""]
     return "\n".join(lines)
 
 
