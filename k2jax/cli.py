@@ -117,7 +117,8 @@ def cmd_analyze(args) -> int:
             write_results(sweep)  # keeps the rows of runs whose directories are gone
         elif (sweep_dir / "results.csv").is_file():
             print(f"{sweep_dir} has no run directories: analysing its results.csv as it is")
-    result = analyze(sweep_dir, arm=args.arm, reference=args.reference, y=args.y, title=title, curves=args.curves)
+    result = analyze(sweep_dir, arm=args.arm, reference=args.reference, y=args.y, title=title, curves=args.curves,
+                     best_over=args.best_over)
     print(json.dumps(result, indent=2))
     for name, fit in result["arms"].items():
         if fit["degenerate"]:
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--y", default="final_eval_loss", help="results column to fit (default final_eval_loss)")
     p.add_argument("--curves", action="store_true",
                    help="fit each run's held-out curve (constant-lr runs) instead of one point per run")
+    p.add_argument("--best-over", metavar="AXIS",
+                   help="keep only the best run among runs differing in this axis (e.g. optim.learning_rate)")
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("sample", help="sample text from a trained run's checkpoint")

@@ -125,6 +125,38 @@ def test_curve_analysis_fits_each_runs_held_out_curve(tmp_path):
     assert "held-out curves" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_best_over_an_axis_keeps_each_arms_tuned_run(tmp_path):
+    """Two optimizers x four sizes x three learning rates, each loss a known power law of compute
+    plus a penalty away from that optimizer's best rate: the analysis keeps the best rate per size
+    and recovers the 2x multiplier of the arm whose law is the other's at twice the compute."""
+    from k2jax.sweep.analysis import analyze
+
+    truth = PowerLawFit(e=1.5, a=0.8, alpha=0.4, cov=np.zeros((3, 3)))
+    best_lr = {"muon": 0.02, "adamw": 0.006}  # muon's best at the end of its range
+    rows = []
+    for name, speedup in (("muon", 2.0), ("adamw", 1.0)):
+        for size, flops in zip(("d64", "d96", "d128", "d192"), np.geomspace(1e11, 1e14, 4)):
+            for lr in (0.002, 0.006, 0.02):
+                penalty = 0.05 * abs(math.log(lr / best_lr[name]))
+                rows.append({"run": f"name={name}-size={size}-learning_rate={lr}", "optim.name": name,
+                             "size": size, "optim.learning_rate": lr, "params_total": 1, "flops": flops,
+                             "steps": 300, "final_eval_loss": float(truth.loss(speedup * flops)) + penalty})
+    with (tmp_path / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = analyze(tmp_path, arm="optim.name", reference="adamw", best_over="optim.learning_rate")
+    assert len(result["tuning"]) == 8
+    for t in result["tuning"]:
+        assert t["best"] == str(best_lr[t["setting"]["optim.name"]]) and len(t["tried"]) == 3
+        assert t["at_edge"] == (t["setting"]["optim.name"] == "muon")
+    assert result["multipliers"]["muon"]["value"] == pytest.approx(2.0, rel=1e-3)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**0.02: " in report and "edge" in report
+    with pytest.raises(ValueError, match="--best-over 'lr' is not an axis.*optim.learning_rate"):
+        analyze(tmp_path, arm="optim.name", best_over="lr")
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_committed_sweep_files_load(path):
     """Every run of every committed sweep (CPU and GPU sizes) is a valid config."""

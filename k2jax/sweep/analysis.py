@@ -28,6 +28,8 @@ ALPHA_BOUNDS = (1e-3, 3.0)
 class AnalysisError(ValueError):
     """There is nothing (or too little) to analyse."""
 
+    exit_code = 2  # of the CLI
+
 
 @dataclasses.dataclass(frozen=True)
 class PowerLawFit:
@@ -162,12 +164,14 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | None = None,
-            y: str = "final_eval_loss", title: str = "", curves: bool = False) -> dict:
+            y: str = "final_eval_loss", title: str = "", curves: bool = False, best_over: str | None = None) -> dict:
     """Fit, plot and report a sweep's results.csv into sweep_dir/report/; returns the fitted numbers.
 
     By default each run is one point (its FLOPs, its `y`). With `curves`, each run adds the
     points of its held-out curve from a quarter of the way in (compute = FLOPs so far): for
     runs with a constant learning rate, where one run per arm is a loss-vs-compute series.
+    With `best_over` (an axis such as optim.learning_rate), only the run with the lowest `y`
+    among runs that differ in that axis alone is kept: each arm at its tuned value.
     """
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "results.csv").is_file():
@@ -177,6 +181,9 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
         raise AnalysisError(f"{sweep_dir / 'results.csv'} has no finished run with a finite {y}")
     if arm is not None and arm not in rows[0]:
         raise AnalysisError(f"--arm {arm!r} is not a column of results.csv ({', '.join(rows[0])})")
+    tuning = []
+    if best_over is not None:
+        rows, tuning = best_per_setting(rows, best_over, y)
     missing = [r["run"] for r in rows if not (sweep_dir / r["run"] / "metrics.jsonl").is_file()]
     if curves and missing:
         raise AnalysisError(f"--curves reads each run's metrics.jsonl; {len(missing)} runs have none in {sweep_dir} "
@@ -196,7 +203,7 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
             unfitted[name] = f"no fit: {e}"
     result = {"arms": {name: {"e": f.e, "a": f.a, "alpha": f.alpha, "degenerate": f.degenerate}
                        for name, f in fits.items()}, "multipliers": {},
-              "unfitted": unfitted, "points": "held-out curves" if curves else y}
+              "unfitted": unfitted, "points": "held-out curves" if curves else y, "tuning": tuning}
     reference = _arm_name(reference) if reference is not None else None
     reference = reference if reference in fits else next(iter(fits), None)
     for name, fit in fits.items():
@@ -223,6 +230,34 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
     (out / "fits.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(_markdown(rows, result, y, title or sweep_dir.name))
     return result
+
+
+def _axis_columns(row: dict) -> list[str]:
+    """The sweep's axis columns: results.csv holds run, the axes, then params_total and the results."""
+    cols = list(row)
+    return cols[1:cols.index("params_total")] if "params_total" in cols else []
+
+
+def best_per_setting(rows: list[dict], over: str, y: str) -> tuple[list[dict], list[dict]]:
+    """(the lowest-`y` row of each group of rows differing only in column `over`, one record per
+    group: its other axis values, each tried value's `y`, the best, and whether the best is an
+    end of the tried range, where a wider range might do better)."""
+    axes = _axis_columns(rows[0])
+    if over not in axes:
+        raise AnalysisError(f"--best-over {over!r} is not an axis of results.csv ({', '.join(axes)})")
+    others = [c for c in axes if c != over]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(_arm_name(row[c]) for c in others), []).append(row)
+    best, tuning = [], []
+    for key, group in groups.items():
+        group = sorted(group, key=lambda r: r[over])
+        winner = min(group, key=lambda r: r[y])
+        best.append(winner)
+        tuning.append({"setting": dict(zip(others, key)), "tried": {_arm_name(r[over]): r[y] for r in group},
+                       "best": _arm_name(winner[over]),
+                       "at_edge": len(group) > 1 and winner in (group[0], group[-1])})
+    return best, tuning
 
 
 def _arm_name(value) -> str:
@@ -291,7 +326,18 @@ def _plot_curves(sweep_dir: Path, runs: list[str], path: Path, title: str):
 
 def _markdown(rows, result, y, title) -> str:
     cols = [c for c in rows[0] if c not in ("params_total",)]
-    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [f"# {title}", ""]
+    if result["tuning"]:
+        lines += [f"Each setting's {y} at every value tried (best in bold; 'edge': the best is an end of the "
+                  "range, so a wider range might do better). The fits below use the best run of each setting.", "",
+                  "| setting | tried | best | |", "|---|---|---|---|"]
+        for t in result["tuning"]:
+            tried = ", ".join((f"**{v}: {loss:.4f}**" if v == t["best"] else f"{v}: {loss:.4f}")
+                              for v, loss in t["tried"].items())
+            setting = ", ".join(f"{k}={v}" for k, v in t["setting"].items())
+            lines.append(f"| {setting} | {tried} | {t['best']} | {'edge' if t['at_edge'] else ''} |")
+        lines.append("")
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     if result["arms"]:
