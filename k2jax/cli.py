@@ -1,6 +1,7 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
 `k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`,
-`k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`, `k2jax plan CONFIG --topology v5p:8x8x8`."""
+`k2jax export RUN_DIR OUT_DIR`, `k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`,
+`k2jax plan CONFIG --topology v5p:8x8x8`."""
 
 from __future__ import annotations
 
@@ -136,9 +137,41 @@ def cmd_sample(args) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"cannot load {args.run_dir}: {e}", file=sys.stderr)
         return 2
+    end = len(run.prompt_ids(args.prompt)) + args.tokens
+    if end > run.config.data.seq_len:
+        print(f"warning: prompt and new tokens reach position {end}, past the {run.config.data.seq_len} tokens "
+              f"per row this run trained on (data.seq_len); text past it is extrapolation and usually degrades",
+              file=sys.stderr)
     for i in range(args.num_samples):
         text = run.complete(args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed + i)
         print(f"--- sample {i + 1} (step {run.step}) ---\n{args.prompt}{text}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    from flax import nnx
+
+    from k2jax.generate import load_run
+    from k2jax.interop.deepseek_v3 import InteropError, config_to_hf, save_hf_checkpoint
+    from k2jax.train.checkpoint import CheckpointError
+
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"export: {out} already exists and is not an empty directory; choose a new OUT_DIR")
+    try:
+        run = load_run(args.run_dir, args.step)
+        config_to_hf(run.config.model)  # a model the layout cannot hold is refused before anything is written
+    except (CheckpointError, FileNotFoundError, InteropError) as e:
+        print(f"cannot export {args.run_dir}: {e}", file=sys.stderr)
+        return 2
+    _, params, rest = nnx.split(run.model, nnx.Param, ...)
+    save_hf_checkpoint(out, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), run.config.model,
+                       fused_experts=args.fused_experts)
+    shutil.copytree(Path(args.run_dir) / "tokenizer", out / "tokenizer")
+    print(f"step {run.step} of {args.run_dir} -> {out} (config.json, model.safetensors; the run's tokenizer in "
+          f"{out / 'tokenizer'})")
     return 0
 
 
@@ -195,10 +228,8 @@ def cmd_plan(args) -> int:
     return 0 if all(p["fits"] for p in report["parts"].values()) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    from k2jax.platform import skip_absent_tpu
-
-    skip_absent_tpu()
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and its flags."""
     parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -263,6 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=cmd_sample)
 
+    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face DeepSeek-V3 model "
+                       "(config.json + model.safetensors)")
+    p.add_argument("run_dir", help="a run directory written by `k2jax train`")
+    p.add_argument("out_dir", help="new (or empty) directory to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--fused-experts", action="store_true",
+                   help="write experts as fused tensors (transformers' in-memory layout) instead of one per expert")
+    p.set_defaults(fn=cmd_export)
+
     p = sub.add_parser("bench", help="train-step time, tokens/s, MFU, memory: MuonClip vs Muon vs AdamW")
     p.add_argument("config", help="experiment YAML or a model preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -292,7 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hlo", metavar="DIR", help="also write each part's optimized HLO (every collective) to DIR")
     p.set_defaults(fn=cmd_plan)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from k2jax.platform import skip_absent_tpu
+
+    skip_absent_tpu()
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except ConfigError as e:

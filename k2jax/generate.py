@@ -34,13 +34,15 @@ class LoadedRun:
     config: Config
     step: int
 
+    def prompt_ids(self, prompt: str) -> np.ndarray:
+        """The ids the model is given for `prompt` (bos first, where the tokenizer has one)."""
+        ids = self.tokenizer.encode(prompt)
+        return np.concatenate([[self.tokenizer.bos_id], ids]) if self.tokenizer.bos_id is not None else ids
+
     def complete(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.8,
                  top_k: int | None = None, seed: int = 0) -> str:
         """The prompt's continuation as text."""
-        ids = self.tokenizer.encode(prompt)
-        if self.tokenizer.bos_id is not None:
-            ids = np.concatenate([[self.tokenizer.bos_id], ids])
-        new = sample(self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+        new = sample(self.model, self.prompt_ids(prompt), max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                      vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.decode(new)
 

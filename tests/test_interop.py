@@ -90,3 +90,22 @@ def test_bad_state_dicts_name_the_key():
     with pytest.raises(InteropError, match="no place"):
         from_hf_state_dict(extra, cfg)
     assert isinstance(nnx.state(Transformer(cfg, nnx.Rngs(0)), RouterBias), nnx.State)
+
+
+@pytest.mark.parametrize("case", ["q_lora", "groups", "yarn"])
+def test_config_to_hf_inverts_config_from_hf(case):
+    from k2jax.interop.deepseek_v3 import config_to_hf
+
+    cfg = config_from_hf(DeepseekV3Config(**{**HF, **CASES[case]}).to_dict())
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    assert config_from_hf(DeepseekV3Config(**config_to_hf(cfg)).to_dict()) == cfg  # as transformers reads it
+
+
+def test_export_refuses_what_the_layout_cannot_hold():
+    from k2jax.config import ModelConfig
+    from k2jax.interop.deepseek_v3 import config_to_hf
+
+    with pytest.raises(InteropError, match="needs model.attention='mla'.*this model has 'gqa'"):
+        config_to_hf(ModelConfig(attention="gqa", num_kv_heads=2))
+    with pytest.raises(InteropError, match="'softmax_topk'"):
+        config_to_hf(ModelConfig(attention="mla", router="softmax_topk"))

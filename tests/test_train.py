@@ -239,3 +239,42 @@ def test_bench_compare_times_values_of_one_key(capsys, tmp_path):
     assert main(["bench", str(TINY), "--compare", "model.grouped_matmul", *small]) == 2  # no values
     assert main(["bench", str(TINY), "--compare", "model.grouped_matmul=ragged,tiled", *small]) == 2  # bad value
     assert "not one of" in capsys.readouterr().err
+
+
+def test_export_writes_a_model_transformers_loads_and_sample_warns_past_the_trained_length(
+        reference_run, tmp_path, capsys):
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+    from transformers import DeepseekV3ForCausalLM
+
+    from k2jax.cli import main
+    from k2jax.generate import load_run
+    from k2jax.interop.deepseek_v3 import load_hf_checkpoint
+    from k2jax.model.transformer import Transformer
+
+    out, _ = reference_run
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(out), str(hf_dir)]) == 0
+    assert f"step 20 of {out} -> {hf_dir}" in capsys.readouterr().out
+    assert (hf_dir / "tokenizer" / "tokenizer_kind.json").is_file()
+    run = load_run(out)
+    _, params, _ = load_hf_checkpoint(hf_dir)
+    np.testing.assert_array_equal(params["lm_head"], np.asarray(nnx.to_pure_dict(nnx.state(run.model, nnx.Param))["lm_head"]))
+    # transformers computes the run's logits from the exported directory
+    hf = DeepseekV3ForCausalLM.from_pretrained(hf_dir).float().eval()
+    ids = run.prompt_ids("def add(a, b):\n    return")
+    with torch.no_grad():
+        expected = hf(torch.as_tensor(ids[None].astype(np.int64))).logits.numpy()
+    model32 = Transformer(dataclasses.replace(run.config.model, compute_dtype="float32"), nnx.Rngs(0))
+    nnx.update(model32, nnx.state(run.model))
+    np.testing.assert_allclose(np.asarray(model32(jnp.asarray(ids[None], jnp.int32))[0]), expected,
+                               rtol=2e-4, atol=2e-4)
+    assert main(["export", str(out), str(hf_dir)]) == 2  # never writes into an existing export
+    assert "already exists" in capsys.readouterr().err
+    # the run trained on rows of 64 tokens (data.seq_len): sampling past them says so
+    assert main(["sample", str(out), "--prompt", "def ", "--tokens", "70", "--temperature", "0"]) == 0
+    assert "reach position 75, past the 64 tokens per row this run trained on" in capsys.readouterr().err

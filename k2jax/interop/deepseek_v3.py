@@ -52,6 +52,35 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     )
 
 
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The DeepSeek-V3 config.json dict of `cfg` (config_from_hf's inverse); InteropError for a model the
+    layout cannot hold (it has MLA attention and the sigmoid router with a selection bias only)."""
+    if cfg.attention != "mla" or cfg.router != "sigmoid_bias":
+        raise InteropError(f"the DeepSeek-V3 layout needs model.attention='mla' and model.router='sigmoid_bias'; "
+                           f"this model has {cfg.attention!r} and {cfg.router!r}")
+    hf = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "float32",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
+        "first_k_dense_replace": cfg.num_dense_layers, "intermediate_size": cfg.dense_ffn_dim,
+        "max_position_embeddings": cfg.max_seq_len, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads, "q_lora_rank": cfg.q_lora_rank or None,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_theta": cfg.rope_theta,
+        "n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
+        "n_shared_experts": cfg.num_shared_experts, "moe_intermediate_size": cfg.expert_ffn_dim,
+        "n_group": cfg.num_expert_groups, "topk_group": cfg.top_groups, "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid", "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": cfg.norm_topk_prob, "rms_norm_eps": cfg.rms_eps, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    if cfg.yarn is not None:
+        y = cfg.yarn
+        hf["rope_scaling"] = {"rope_type": "yarn", "factor": y.factor, "original_max_position_embeddings":
+                              y.original_max_position, "beta_fast": y.beta_fast, "beta_slow": y.beta_slow,
+                              "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim}
+    return hf
+
+
 def _rope_perm(r: int) -> np.ndarray:
     return np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2)])
 
@@ -235,3 +264,19 @@ def load_hf_checkpoint(directory: str | Path, cfg: ModelConfig | None = None):
         state_dict.update(load_file(str(f)))
     params, biases = from_hf_state_dict(state_dict, cfg)
     return cfg, params, biases
+
+
+def save_hf_checkpoint(directory: str | Path, params: Mapping, router_biases: Mapping, cfg: ModelConfig, *,
+                       fused_experts: bool = False) -> Path:
+    """Write config.json and model.safetensors (float32; one tensor per expert, like DeepSeek-V3 and Kimi-K2
+    checkpoint files) into `directory`, which load_hf_checkpoint and transformers'
+    DeepseekV3ForCausalLM.from_pretrained read."""
+    from safetensors.numpy import save_file
+
+    hf_config = config_to_hf(cfg)  # refuses before anything is written
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(params, router_biases, cfg, fused_experts=fused_experts),
+              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return directory
