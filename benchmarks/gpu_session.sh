@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The issue-8 measurements for a session that is lent a GPU, one stage per device call (each
-# fits the 10-minute limit); whole logs go to $OUT, the end of each is printed.
+# The GPU measurements behind the README's accelerator goals, as separate stages of under
+# 10 minutes each; whole logs go to $OUT, the end of each is printed.
 #
 #   bash benchmarks/gpu_session.sh check       # versions; kernel tests on the real GPU (Triton flash, ragged dot)
 #   bash benchmarks/gpu_session.sh attention   # plain vs flash tiles vs cuDNN, fwd+bwd, max-logit agreement
