@@ -69,13 +69,18 @@ def _bias_range(bias):
 
 def balance_histogram(scores, bias, vmask, k: int):
     """Quantile Balancing's statistic: (E, QB_BINS) counts of the bias each valid token needs to
-    pick each expert, i.e. its (k+1)-th best biased score minus its score for that expert.
+    pick each expert, with the other experts' biases as they are: the k-th best biased score among
+    the other experts minus the token's score for this one. That score is the (k+1)-th best
+    overall for an expert the token picked and the k-th best for one it did not (with the k-th
+    for all, as some implementations do, the solve needs several steps to settle; with this, one).
 
     scores (N, E) unbiased sigmoid scores, bias (E,), vmask (N,) float32.
     """
     n, e = scores.shape
-    cutoff = jax.lax.top_k(scores + bias, k + 1)[0][:, k]  # (N,)
-    need = cutoff[:, None] - scores  # (N, E)
+    top, ids = jax.lax.top_k(scores + bias, k + 1)  # (N, k+1)
+    picked = jnp.zeros((n, e), bool).at[jnp.arange(n)[:, None], ids[:, :k]].set(True)
+    cutoff = jnp.where(picked, top[:, k:], top[:, k - 1:k])  # (N, E)
+    need = cutoff - scores
     lo, hi = _bias_range(bias)
     bins = jnp.clip(((need - lo) / (hi - lo) * QB_BINS).astype(jnp.int32), 0, QB_BINS - 1)
     flat = (bins + jnp.arange(e, dtype=jnp.int32) * QB_BINS).reshape(-1)

@@ -23,6 +23,7 @@ KIMI_K2 = ModelConfig(
     router="sigmoid_bias", num_expert_groups=1, top_groups=1, routed_scaling_factor=2.827,
     norm_topk_prob=True, rms_eps=1e-6, tie_embeddings=False, remat="full",
     param_dtype="float32", compute_dtype="bfloat16",  # float32 master weights and optimizer state
+    router_balance="sign", bias_update_rate=1e-3,  # the aux-loss-free bias of DeepSeek-V3, which K2 keeps
 )
 
 DEEPSEEK_V3 = dataclasses.replace(
@@ -30,6 +31,7 @@ DEEPSEEK_V3 = dataclasses.replace(
     yarn=YarnConfig(factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
                     mscale=1.0, mscale_all_dim=1.0),
     num_experts=256, num_expert_groups=8, top_groups=4, routed_scaling_factor=2.5,
+    aux_loss_coef=1e-4,  # V3's complementary sequence-wise balance loss beside the bias
 )
 
 
