@@ -6,11 +6,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from k2jax.config import Config, ConfigError, load_config
+
+EXIT_STATUS = """exit status:
+  0    done
+  1    plan: the program does not fit; or an unexpected error (--debug prints its traceback)
+  2    a config, usage or input error (a bad key or value, malformed YAML, an empty corpus, ...)
+  3    a checkpoint or resume problem (no finished checkpoint, none readable, ...)
+  4    training diverged (NaN/inf loss or weights); the last good checkpoint is kept
+  5    an I/O error: a read-only or full disk, a path that is a file
+  130  interrupted (Ctrl-C)
+  143  preempted (SIGTERM): a checkpoint was saved; --resume, or the same sweep again, continues
+Errors are one or two lines on stderr; --debug adds the traceback."""
+
+_OS_HINTS = {errno.ENOSPC: "free space on that disk, then run again (--resume continues a training run)",
+             errno.EROFS: "write somewhere writable", errno.EACCES: "fix the permissions or write elsewhere",
+             errno.EPERM: "fix the permissions or write elsewhere"}
 
 
 def _load(config: str | None, overrides: list[str]) -> Config:
@@ -28,6 +45,11 @@ def cmd_train(args) -> int:
     distributed.initialize(auto=args.distributed == "auto", coordinator=args.coordinator,
                            num_processes=args.num_processes, process_id=args.process_id)
     summary = train(cfg, resume=args.resume)
+    if "preempted_at" in summary:
+        from k2jax.train.loop import Preempted
+
+        raise Preempted(f"stopped by SIGTERM after step {summary['preempted_at']}, its checkpoint saved in "
+                        f"{cfg.train.out_dir}; continue with --resume")
     print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}, "
           f"eval loss {summary.get('final_eval_loss', float('nan')):.4f}, "
           f"{summary.get('tokens_per_s', 0):,.0f} tokens/s -> {cfg.train.out_dir}")
@@ -230,7 +252,9 @@ def cmd_plan(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand and its flags."""
-    parser = argparse.ArgumentParser(prog="k2jax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="k2jax", description=__doc__, epilog=EXIT_STATUS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from an experiment YAML")
@@ -332,7 +356,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hlo", metavar="DIR", help="also write each part's optimized HLO (every collective) to DIR")
     p.set_defaults(fn=cmd_plan)
 
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of an error")
     return parser
+
+
+def _failure(e: BaseException) -> tuple[int, str]:
+    """(exit status, one line) for an error; see EXIT_STATUS."""
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted; a training run continues from its last checkpoint with --resume"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        hint = f"; {_OS_HINTS[e.errno]}" if e.errno in _OS_HINTS else ""
+        return 5, f"I/O error: {where}{e.strerror or e}{hint}"
+    if isinstance(e, ConfigError):
+        return e.exit_code, f"config error: {e}"
+    if hasattr(e, "exit_code"):
+        return e.exit_code, str(e)
+    return 1, f"unexpected error: {type(e).__name__}: {_gist(e)} (run again with --debug for the traceback)"
+
+
+def _gist(e: BaseException) -> str:
+    text = str(e).strip().split("\n")[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _quiet_background_errors() -> None:
+    """Without --debug: no log lines from orbax and asyncio (a failed save reaches us as an exception,
+    with a log line and a traceback per failed write beside it), and one line, not a traceback, per
+    distinct error raised in a background thread or callback."""
+    import logging
+    import threading
+
+    logging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    seen = set()
+
+    def one_line(exc_type, exc_value):
+        line = f"error in the background: {exc_type.__name__}: {_gist(exc_value)}"
+        if line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr)
+
+    threading.excepthook = lambda a: one_line(a.exc_type, a.exc_value)
+    sys.unraisablehook = lambda a: one_line(a.exc_type, a.exc_value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,11 +407,16 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_absent_tpu()
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_background_errors()
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        if args.debug:
+            traceback.print_exc()
+        code, message = _failure(e)
+        print(f"k2jax {args.command}: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import yaml
 class ConfigError(ValueError):
     """A configuration value is unknown, ill-typed or inconsistent."""
 
+    exit_code = 2  # of the CLI
+
 
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
@@ -461,8 +463,29 @@ def parse_overrides(overrides: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        _set_path(tree, key, yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(e)}); quote it "
+                              f"to pass it as a string") from None
+        _set_path(tree, key, value)
     return tree
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def read_yaml(path: Path):
+    """A YAML file's contents; ConfigError naming the file, line and problem if it does not parse."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -482,7 +505,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

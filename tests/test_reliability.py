@@ -149,27 +149,39 @@ def _sweep_file(tmp_path, grid) -> Path:
     return path
 
 
-def test_preempted_run_stops_the_sweep_is_not_a_result_and_is_resumed(tmp_path, monkeypatch):
+def test_preempted_run_stops_the_sweep_is_not_a_result_and_is_resumed(tmp_path, monkeypatch, capsys):
+    from k2jax.cli import main
     from k2jax.sweep.grid import load_sweep, run_sweep
     from k2jax.train.checkpoint import PreemptionFlag
     from k2jax.train.loop import Preempted
 
-    sweep = load_sweep(_sweep_file(tmp_path, {"optim.name": ["muonclip", "adamw"]}))
+    path = _sweep_file(tmp_path, {"optim.name": ["muonclip", "adamw"]})
+    sweep = load_sweep(path)
     first, second = (sweep.out_dir / run.name for run in sweep.runs)
-    monkeypatch.setattr(PreemptionFlag, "reached", lambda self, step: step >= 3)  # SIGTERM during step 3
+    monkeypatch.setattr(PreemptionFlag, "reached", lambda self, step: step >= 3)  # SIGTERM in a launch's 3rd step
     with pytest.raises(Preempted, match="name=muonclip was preempted at step 3.*run the sweep again"):
         run_sweep(sweep, log=lambda _: None)
     assert json.loads((first / "summary.json").read_text())["preempted_at"] == 3
     assert not second.exists()  # the sweep stopped
     assert (sweep.out_dir / "results.csv").read_text().strip().count("\n") == 0  # header only
+
+    capsys.readouterr()  # the same from the command line: the first run is resumed and finishes (step 4),
+    assert main(["sweep", str(path)]) == 143  # the second is preempted in its step 3
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "name=adamw was preempted at step 3" in err[0], err
+    assert "name=muonclip: resuming" in captured.out
+    assert [r.split(",")[0] for r in (sweep.out_dir / "results.csv").read_text().strip().splitlines()[1:]] == [
+        "name=muonclip"]
+
     monkeypatch.undo()
     log = []
     results = run_sweep(sweep, log=log.append)
-    assert "name=muonclip: resuming" in log[0]
+    assert "name=muonclip: finished, skipped" in log[0] and "name=adamw: resuming" in log[1]
     rows = results.read_text().strip().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["name=muonclip", "name=adamw"]
     assert all(r.split(",")[-1] == "4" for r in rows)  # steps: both ran to the end
-    assert "preempted_at" not in json.loads((first / "summary.json").read_text())
+    assert not any("preempted_at" in json.loads((d / "summary.json").read_text()) for d in (first, second))
 
 
 def test_analyze_a_kept_results_csv_without_rewriting_it_and_name_degenerate_fits(tmp_path, capsys):
@@ -195,3 +207,116 @@ def test_analyze_a_kept_results_csv_without_rewriting_it_and_name_degenerate_fit
     (out / "num_heads=2").mkdir()  # a run started again here and not finished: its kept row stays
     assert main(["analyze", str(path)]) == 0
     assert (out / "results.csv").read_text().count("\n") == before.decode().count("\n")
+
+
+# --- the command line: one or two lines, a documented exit status, nothing left behind ------------------
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    from k2jax.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_user_errors_are_one_line_with_their_exit_status(tmp_path, capsys):
+    from k2jax.cli import EXIT_STATUS, build_parser
+
+    assert EXIT_STATUS in build_parser().format_help()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  preset: tiny\n train: [\n")
+    code, err = _cli(capsys, "train", str(bad))
+    assert code == 2 and len(err) == 1 and "bad.yaml: not valid YAML" in err[0] and "line 3" in err[0], err
+    code, err = _cli(capsys, "train", str(bad), "--debug")
+    assert code == 2 and "Traceback" in err[0] and "not valid YAML" in err[-1]
+    code, err = _cli(capsys, "train", str(TINY), "--set", "train.steps=[1,")
+    assert code == 2 and len(err) == 1 and "--set train.steps=[1,: the value is not valid YAML" in err[0], err
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    code, err = _cli(capsys, "train", str(TINY), "--set", f"train.out_dir={a_file}")
+    assert code == 5 and len(err) == 1 and "is a file" in err[0] and a_file.read_text() == "mine", err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = _cli(capsys, "train", str(TINY), "--set", f"train.out_dir={empty}", "--resume")
+    assert code == 3 and len(err) == 1 and "no checkpoint that finished saving" in err[0], err
+    assert not any(empty.iterdir())
+
+    no_text = tmp_path / "no_text"
+    no_text.mkdir()
+    for extra, words in ((["model.vocab_size=100"], "model.vocab_size"), ([f"data.corpus={no_text}"], "empty")):
+        out = tmp_path / "never"
+        code, err = _cli(capsys, "train", str(TINY), "--set", f"train.out_dir={out}",
+                         *[a for e in extra for a in ("--set", e)])
+        assert code == 2 and len(err) == 1 and words in err[0], err
+        assert not out.exists()  # a failed validation leaves no run directory behind
+
+
+def test_divergence_names_the_checkpoint_an_async_save_kept(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code, err = _cli(capsys, "train", str(TINY), "--set", f"train.out_dir={out}", "--set", "train.progress=false",
+                     "--set", "optim.name=adamw", "--set", "optim.learning_rate=1e30", "--set", "optim.grad_clip_norm=0",
+                     "--set", "optim.warmup_steps=0", "--set", "checkpoint.every=1", "--set", "train.log_every=1")
+    assert code == 4 and len(err) == 1 and "diverged at step" in err[0], err
+    kept = finished_steps(out / "checkpoints")
+    assert kept and f"the last good checkpoint, step {kept[-1]}," in err[0], (err, kept)
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_read_only_out_dir_is_refused_before_anything_runs(tmp_path, capsys):
+    import os
+
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        (parent / "probe").write_text("")  # root ignores the mode bits: a read-only mount then
+        (parent / "probe").unlink()
+        parent.chmod(0o755)
+        _mount_tmpfs(parent, "ro,size=64k")
+        mounted = True
+    except PermissionError:
+        mounted = False
+    try:
+        code, err = _cli(capsys, "train", str(TINY), "--set", f"train.out_dir={parent / 'run'}")
+        assert code == 5 and len(err) == 1 and "cannot write in train.out_dir" in err[0], err
+        assert ("Read-only" in err[0]) if mounted else ("Permission denied" in err[0])
+        assert not os.path.exists(parent / "run")
+    finally:
+        if mounted:
+            _umount(parent)
+        parent.chmod(0o755)
+
+
+def test_full_disk_ends_the_run_promptly_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=1m")  # room for the run directory, not for a checkpoint
+    try:
+        proc = subprocess.run([sys.executable, "-m", "k2jax.cli", "train", str(TINY), "--set",
+                               f"train.out_dir={disk / 'run'}", "--set", "train.progress=false", "--set",
+                               "checkpoint.every=5", "--set", "train.log_every=1"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # never a hang
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 5 and len(err) <= 2, proc.stderr[-3000:]
+        assert "No space left on device" in err[-1] and "--resume" in err[-1], err
+        steps = [json.loads(line)["step"] for line in (disk / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) <= 10  # stopped at the failed save or the next one, not at the end (20)
+    finally:
+        _umount(disk)

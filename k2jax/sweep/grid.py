@@ -28,9 +28,8 @@ import json
 import shlex
 from pathlib import Path
 
-import yaml
 
-from k2jax.config import Config, ConfigError, load_config
+from k2jax.config import Config, ConfigError, load_config, read_yaml
 from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import finished_steps
 
@@ -70,7 +69,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     unknown = set(raw) - {"name", "base", "out_dir", "set", "grid"}
     if unknown:
         raise ConfigError(f"sweep {path}: unknown keys {sorted(unknown)} (allowed: name, base, out_dir, set, grid)")

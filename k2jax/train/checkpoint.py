@@ -40,6 +40,8 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
 
+    exit_code = 3  # of the CLI
+
 
 def warn(message: str) -> None:
     """One line on stderr, from process 0."""
@@ -52,7 +54,7 @@ def _eval_loss(metrics) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def is_complete(step_dir: Path) -> bool:
+def _is_complete(step_dir: Path) -> bool:
     """Whether a step directory holds every item (the state's data files are checked by restoring)."""
     return all((step_dir / name).is_file() for name in _STEP_FILES)
 
@@ -62,7 +64,7 @@ def finished_steps(directory: str | Path) -> list[int]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and is_complete(p))
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _is_complete(p))
 
 
 def saved_config(directory: str | Path) -> tuple[int, dict]:
@@ -83,13 +85,13 @@ def _leftovers(directory: Path) -> list[tuple[Path, str]]:
     for p in sorted(directory.iterdir()):
         if _TMP_MARK in p.name:
             out.append((p, "a save that did not finish"))
-        elif p.name.isdigit() and p.is_dir() and not is_complete(p):
+        elif p.name.isdigit() and p.is_dir() and not _is_complete(p):
             missing = [name for name in _STEP_FILES if not (p / name).is_file()]
             out.append((p, f"an incomplete step (no {', '.join(missing)}; a deletion or save was interrupted)"))
     return out
 
 
-def save_error(e: Exception, step: int) -> Exception:
+def _save_error(e: Exception, step: int) -> Exception:
     """The error to raise for a failed save: an OSError where the OS refused (disk full, read-only),
     else a CheckpointError."""
     code = e.errno if isinstance(e, OSError) else None
@@ -99,7 +101,7 @@ def save_error(e: Exception, step: int) -> Exception:
     if code is not None:
         return OSError(code, f"saving checkpoint step {step} failed: {errno.errorcode.get(code, code)} "
                              f"({os.strerror(code)})")
-    return CheckpointError(f"saving checkpoint step {step} failed: {type(e).__name__}: {e}")
+    return CheckpointError(f"saving checkpoint step {step} failed: {type(e).__name__}: {_first_line(e)}")
 
 
 class Checkpointer:
@@ -110,7 +112,10 @@ class Checkpointer:
         if clean:
             if jax.process_index() == 0:
                 for path, why in _leftovers(self.directory):
-                    shutil.rmtree(path)
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
                     warn(f"removed {path}: {why}")
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("k2jax_checkpoint_clean")
@@ -131,7 +136,7 @@ class Checkpointer:
             self._manager.save(step, args=args, metrics={k: float(v) for k, v in (metrics or {}).items()},
                                force=True)
         except Exception as e:  # the previous async save's failure surfaces here too
-            raise save_error(e, self._saving if self._saving is not None else step) from e
+            raise _save_error(e, self._saving if self._saving is not None else step) from e
         self._saving = step
 
     def check(self) -> None:
@@ -139,7 +144,7 @@ class Checkpointer:
         try:
             self._manager.check_for_errors()
         except Exception as e:
-            raise save_error(e, self._saving) from e
+            raise _save_error(e, self._saving) from e
 
     def latest_step(self) -> int | None:
         """The newest finished step (after `wait()`, every save started is counted)."""
@@ -148,7 +153,7 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         """Finished steps, oldest first."""
-        return [s for s in sorted(self._manager.all_steps()) if is_complete(self.directory / str(s))]
+        return [s for s in sorted(self._manager.all_steps()) if _is_complete(self.directory / str(s))]
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, data_state, config) of `step`, or of the newest readable checkpoint, into the abstract
@@ -200,7 +205,7 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as e:
-            raise save_error(e, self._saving) from e
+            raise _save_error(e, self._saving) from e
 
     def close(self) -> None:
         self._manager.close()

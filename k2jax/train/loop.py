@@ -34,9 +34,13 @@ from k2jax.train.step import abstract_state, init_train_state, make_eval_step, m
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
+    exit_code = 4  # of the CLI
+
 
 class Preempted(RuntimeError):
     """SIGTERM stopped a run after saving a checkpoint: not finished, --resume continues it."""
+
+    exit_code = 143  # of the CLI: 128 + SIGTERM
 
 
 # What a resumed run may change: how it executes, how long it runs, what it logs and keeps, and the
@@ -78,8 +82,7 @@ def _check_writable(directory: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise OSError(e.errno, f"cannot write there ({e.strerror}); choose a writable train.out_dir",
-                      str(directory)) from e
+        raise OSError(e.errno, f"cannot write in train.out_dir ({e.strerror})", str(directory)) from e
 
 
 def _data(cfg: Config, out: Path, resume: bool):

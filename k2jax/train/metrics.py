@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,28 +43,39 @@ def _scalars(prefix: str, value):
 
 
 class MetricsWriter:
+    """TensorBoard events are written here, in the caller's thread, not by tensorboardX's SummaryWriter:
+    its writer thread ends at a write error (a full disk), after which add_scalar blocks forever."""
+
     def __init__(self, out_dir: str | Path, tensorboard: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
-            self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            (Path(out_dir) / "tb").mkdir(exist_ok=True)
+            self._tb = EventsWriter(str(Path(out_dir) / "tb" / "events"))
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": int(step), **_plain(metrics)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.summary import scalar
+
+            now = time.time()
             for name, value in _scalars("", {k: v for k, v in record.items() if k != "step"}):
-                self._tb.add_scalar(name.lstrip("/"), value, step)
+                self._tb.write_event(Event(wall_time=now, step=int(step), summary=scalar(name.lstrip("/"), value)))
+            self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            self._file.close()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
 
 
 class LoadMonitor:
