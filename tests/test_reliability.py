@@ -320,3 +320,60 @@ def test_full_disk_ends_the_run_promptly_in_one_line(tmp_path):
         assert max(steps) <= 10  # stopped at the failed save or the next one, not at the end (20)
     finally:
         _umount(disk)
+
+
+def test_metrics_writer_on_a_full_disk_raises_instead_of_hanging(tmp_path):
+    import threading
+
+    from k2jax.train.metrics import MetricsWriter
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=64k")
+    outcome = []
+
+    def fill():
+        writer = MetricsWriter(disk)
+        try:
+            for step in range(1, 100_000):
+                writer.write(step, {"loss": 1.0, "per_head": [[float(h) for h in range(16)]] * 8})
+        except OSError as e:
+            outcome.append(e)
+        finally:
+            try:
+                writer.close()
+            except OSError:
+                pass
+
+    try:
+        thread = threading.Thread(target=fill, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "writing metrics to a full disk hung"
+        assert outcome and "No space left" in str(outcome[0])
+    finally:
+        _umount(disk)
+
+
+def test_ctrl_c_waits_for_the_save_in_flight_and_exits_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "k2jax.cli", "train", str(TINY), "--set", f"train.out_dir={out}",
+                             "--set", "train.progress=false", "--set", "train.log_every=1", "--set",
+                             "checkpoint.every=5", "--set", "train.steps=200"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell may ignore it
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=240)
+    err = stderr.strip().splitlines()
+    assert proc.returncode == 130 and len(err) == 1 and "--resume" in err[0], stderr[-3000:]
+    assert finished_steps(out / "checkpoints")  # step 5's save, in flight or done, was completed
