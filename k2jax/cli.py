@@ -381,6 +381,10 @@ def _gist(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _not_orbax(record) -> bool:
+    return "orbax" not in record.pathname
+
+
 def _quiet_background_errors() -> None:
     """Without --debug: no log lines from orbax and asyncio (a failed save reaches us as an exception,
     with a log line and a traceback per failed write beside it), and one line, not a traceback, per
@@ -388,7 +392,7 @@ def _quiet_background_errors() -> None:
     import logging
     import threading
 
-    logging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname)
+    logging.getLogger("absl").addFilter(_not_orbax)  # a function, not a lambda: added once per process
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     seen = set()
 
