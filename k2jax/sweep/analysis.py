@@ -305,20 +305,32 @@ def _plot_fits(points, fits, ylabel, path, title):
 
 
 def _plot_curves(sweep_dir: Path, runs: list[str], path: Path, title: str):
-    """Eval loss and max attention logit over steps, one line per run."""
+    """Eval loss, max attention logit and (MoE runs) the worst layer's max/mean expert load over
+    steps, one line per run."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_logit = fig.subplots(1, 2)
+    records = {run: [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
+               for run in runs}
+    has_load = any("expert_load_max_per_layer" in r for recs in records.values() for r in recs)
+    fig = Figure(figsize=(16 if has_load else 11, 4))
+    ax_loss, ax_logit, *ax_load = fig.subplots(1, 3 if has_load else 2)
     for i, run in enumerate(runs):
-        records = [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
+        color = f"C{i % 10}"
         evals = _eval_curve(sweep_dir, run)
-        ax_loss.plot([s for s, _ in evals], [v for _, v in evals], marker="o", ms=3, color=f"C{i % 10}", label=run)
-        logits = [(r["step"], r["max_logit"]) for r in records if "max_logit" in r]
-        ax_logit.plot([s for s, _ in logits], [v for _, v in logits], color=f"C{i % 10}", label=run)
+        ax_loss.plot([s for s, _ in evals], [v for _, v in evals], marker="o", ms=3, color=color, label=run)
+        logits = [(r["step"], r["max_logit"]) for r in records[run] if "max_logit" in r]
+        ax_logit.plot([s for s, _ in logits], [v for _, v in logits], color=color, label=run)
+        loads = [(r["step"], max(r["expert_load_max_per_layer"])) for r in records[run]
+                 if r.get("expert_load_max_per_layer")]
+        if ax_load and loads:
+            ax_load[0].plot([s for s, _ in loads], [v for _, v in loads], color=color, label=run)
     ax_loss.set(xlabel="step", ylabel="held-out loss", title="held-out loss")
     ax_logit.set(xlabel="step", ylabel="max attention logit (all layers, heads)", title="max attention logit")
     ax_logit.legend(fontsize=6)
+    if ax_load:
+        ax_load[0].axhline(1.0, color="k", linewidth=0.8)
+        ax_load[0].set(xlabel="step", ylabel="max expert load / mean (worst MoE layer)",
+                       title="expert load balance (1 = perfect)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
