@@ -21,3 +21,14 @@ import jax  # noqa: E402  (after the variables, which jax reads at import)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+MULTIDEVICE = Path(__file__).resolve().parent / "multidevice"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/multidevice needs 8 devices from the start of its process: collected only when named
+    (`pytest tests/multidevice`); the suite runs it through tests/test_multidevice.py."""
+    if collection_path.resolve() != MULTIDEVICE:
+        return None
+    named = [Path(config.invocation_params.dir, arg.split("::")[0]).resolve() for arg in config.args]
+    return None if any(p == MULTIDEVICE or MULTIDEVICE in p.parents for p in named) else True
