@@ -23,7 +23,7 @@ from k2jax.model.count import abstract_model
 from k2jax.model.presets import get_preset, k2_family
 from k2jax.optim import muonclip
 from k2jax.optim.muon import dimension_numbers, muon_or_adamw
-from k2jax.params import ParamInfo, param_info
+from k2jax.params import is_info, param_info
 
 
 def _tree(preset: str, d_model: int | None):
@@ -43,10 +43,10 @@ def _tree(preset: str, d_model: int | None):
 def _stats(infos, params):
     """Max logits per stats key, (L, H), half of the heads above tau = 100."""
     out = {}
-    for info, p in zip(jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, ParamInfo)), jax.tree.leaves(params)):
+    for info, p in zip(jax.tree.leaves(infos, is_leaf=is_info), jax.tree.leaves(params)):
         if info.qk is not None and "kv_heads" not in info.axes:
             shape = tuple(p.shape[i] for i in info.layer_axes) + (p.shape[info.head_axis],)
-            out[info.qk_stats] = jnp.where(jnp.arange(shape[-1]) % 2 == 0, 150.0, 50.0) * jnp.ones(shape)
+            out[info.stats_key] = jnp.where(jnp.arange(shape[-1]) % 2 == 0, 150.0, 50.0) * jnp.ones(shape)
     return out
 
 
@@ -60,8 +60,7 @@ def main():
     params, infos = _tree(args.preset, args.d_model)
     grads = jax.tree.map(lambda p: p * 0.1 + 0.01, params)
     stats = _stats(infos, params)
-    dims = jax.tree.map(lambda i: dimension_numbers(i) if i.kind == "matrix" else None, infos,
-                        is_leaf=lambda x: isinstance(x, ParamInfo))
+    dims = jax.tree.map(lambda i: dimension_numbers(i) if i.kind == "matrix" else None, infos, is_leaf=is_info)
     txs = {
         "muonclip": muonclip(1e-3, infos),
         "muon": muonclip(1e-3, infos, clip=False),

@@ -12,7 +12,7 @@ Every parameter the model creates carries, as `nnx.Param` metadata:
   ((role, width), ...) with roles from QK_ROLES, e.g. (("q", 64),) for MHA or
   (("q_nope", 128), ("q_rope", 64)) for MLA's q_b, (("k_nope", 128), ("v", 128))
   for MLA's kv_b. The head axis is the one named "heads" or "kv_heads".
-- `qk_stats`: the key of the attention-statistics dict whose max logits
+- `stats_key`: the key of the attention-statistics dict whose max logits
   (shape (*layer_axes, H)) belong to this projection.
 
 `param_info(state)` turns an nnx.State into a pytree of `ParamInfo` with the
@@ -43,7 +43,7 @@ class ParamInfo:
     kind: str
     in_axes: tuple[str, ...] = ()
     qk: Optional[tuple[tuple[str, int], ...]] = None
-    qk_stats: Optional[str] = None
+    stats_key: Optional[str] = None
 
     def __post_init__(self):
         unknown = [a for a in self.axes if a not in AXES]
@@ -59,8 +59,8 @@ class ParamInfo:
             for role, width in self.qk:
                 if role not in QK_ROLES or width <= 0:
                     raise ValueError(f"bad qk segment ({role!r}, {width})")
-            if self.head_axis is None or self.qk_stats is None:
-                raise ValueError(f"qk projection with axes {self.axes} needs a head axis and qk_stats")
+            if self.head_axis is None or self.stats_key is None:
+                raise ValueError(f"qk projection with axes {self.axes} needs a head axis and stats_key")
 
     @property
     def batch_axes(self) -> tuple[int, ...]:
@@ -85,12 +85,17 @@ class ParamInfo:
         return found[0] if found else None
 
 
-def param_metadata(axes, kind="matrix", in_axes=(), qk=None, qk_stats=None) -> dict[str, Any]:
+def is_info(x) -> bool:
+    """`is_leaf` for trees of ParamInfo."""
+    return isinstance(x, ParamInfo)
+
+
+def param_metadata(axes, kind="matrix", in_axes=(), qk=None, stats_key=None) -> dict[str, Any]:
     """Keyword metadata for nnx.Param(value, **param_metadata(...)); validated eagerly."""
-    ParamInfo(tuple(axes), kind, tuple(in_axes), qk, qk_stats)  # raises on a bad contract
+    ParamInfo(tuple(axes), kind, tuple(in_axes), qk, stats_key)  # raises on a bad contract
     meta: dict[str, Any] = dict(sharding_names=tuple(axes), kind=kind, in_axes=tuple(in_axes))
     if qk is not None:
-        meta.update(qk=tuple(qk), qk_stats=qk_stats)
+        meta.update(qk=tuple(qk), stats_key=stats_key)
     return meta
 
 
@@ -100,7 +105,7 @@ def _info_of(variable) -> ParamInfo:
     if axes is None or "kind" not in meta:
         raise ValueError(f"parameter of shape {variable.shape} has no k2jax metadata (axes/kind): {meta}")
     return ParamInfo(tuple(axes), meta["kind"], tuple(meta.get("in_axes", ())), meta.get("qk"),
-                     meta.get("qk_stats"))
+                     meta.get("stats_key"))
 
 
 def param_info(state) -> dict:

@@ -9,8 +9,8 @@ import pytest
 from k2jax.config import ConfigError, DataConfig
 from k2jax.data import tokenizer as tokenizer_lib
 from k2jax.data.corpus import load_corpus
-from k2jax.data.pipeline import eval_batches, make_train_iterator
 from k2jax.data.tokenizer import BPETokenizer, ByteTokenizer
+from batches import eval_batches, make_train_iterator
 
 T = 32
 

@@ -11,7 +11,7 @@ from flax import nnx
 from k2jax.model.count import count_params
 from k2jax.model.presets import PRESETS
 from k2jax.model.transformer import Transformer
-from k2jax.params import param_info
+from k2jax.params import is_info, param_info
 from k2jax.train import flops
 from packing import packed_layout
 
@@ -48,10 +48,9 @@ def test_shapes_dtypes_and_stats_contract(model_and_fwd):
     logits, stats = fwd(model, _tokens(), pos, seg)
     assert logits.shape == (B, T, cfg.vocab_size) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
-    # every q/k projection's qk_stats key is present with shape (*layers, H)
-    infos = jax.tree.leaves(param_info(nnx.state(model, nnx.Param)),
-                            is_leaf=lambda x: hasattr(x, "qk_stats"))
-    keys = {i.qk_stats for i in infos if i.qk is not None}
+    # every q/k projection's stats_key is present with shape (*layers, H)
+    infos = jax.tree.leaves(param_info(nnx.state(model, nnx.Param)), is_leaf=is_info)
+    keys = {i.stats_key for i in infos if i.qk is not None}
     assert keys == set(stats["max_logits"]) == {"dense_layers", "moe_layers"}
     assert stats["max_logits"]["moe_layers"].shape == (cfg.num_moe_layers, cfg.num_heads)
     counts = stats["expert_counts"]["moe_layers"]

@@ -16,10 +16,11 @@ import pytest
 
 from k2jax.config import load_config
 from k2jax.data import corpus as corpus_lib
-from k2jax.data import pipeline, tokenizer as tokenizer_lib
+from k2jax.data import tokenizer as tokenizer_lib
 from k2jax.train.checkpoint import Checkpointer, CheckpointError
 from k2jax.train.loop import evaluate, train
 from k2jax.train.step import abstract_state, init_train_state, make_eval_step
+from batches import eval_batches
 
 ROOT = Path(__file__).parents[1]
 STEPS = 6
@@ -67,7 +68,7 @@ def test_checkpoint_restores_on_one_device_and_reproduces_eval_loss(two_process_
     assert int(state["step"]) == STEPS and saved_cfg["train"]["steps"] == STEPS
     tok = tokenizer_lib.load(out / "tokenizer")
     _, heldout = corpus_lib.load_corpus(cfg.data)
-    batches = pipeline.eval_batches(cfg.data, tok, heldout, cfg.train.batch_size, cfg.train.eval_batches)
+    batches = eval_batches(cfg.data, tok, heldout, cfg.train.batch_size, cfg.train.eval_batches)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
     assert evaluate(make_eval_step(setup), state, batches) == pytest.approx(logged, abs=1e-4)
 

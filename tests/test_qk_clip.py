@@ -16,7 +16,7 @@ from k2jax.model.presets import get_preset
 from k2jax.model.rope import rope_tables
 from k2jax.model.transformer import Transformer
 from k2jax.optim import muonclip, qk_clip, qk_clip_metrics
-from k2jax.params import ParamInfo, param_info
+from k2jax.params import is_info, param_info
 
 ATTN = {
     "mha": ModelConfig(attention="mha", compute_dtype="float32"),
@@ -111,12 +111,12 @@ def test_qk_clip_scales_the_real_models_weights_by_k2s_exponents(kind, alpha):
 
     exponents = K2_EXPONENTS[kind](alpha)
     checked = set()
-    for path, info in jax.tree_util.tree_leaves_with_path(infos, is_leaf=lambda x: isinstance(x, ParamInfo)):
+    for path, info in jax.tree_util.tree_leaves_with_path(infos, is_leaf=is_info):
         old_w, new_w = (np.asarray(_at(tree, path)) for tree in (params, new))
         if info.qk is None:
             np.testing.assert_array_equal(new_w, old_w)
             continue
-        gamma = np.minimum(1.0, tau / np.asarray(stats[info.qk_stats]))  # (*layers, H)
+        gamma = np.minimum(1.0, tau / np.asarray(stats[info.stats_key]))  # (*layers, H)
         n_heads = old_w.shape[info.head_axis]
         column = np.concatenate([np.full(w, exponents[role]) for role, w in info.qk])  # (head_dim,)
         if n_heads != gamma.shape[-1]:  # GQA's shared key heads
@@ -139,8 +139,8 @@ def _at(tree, path):
 
 def test_qk_clip_with_scanned_layers_and_real_update():
     """(L, H) stats against stacked parameters, and the clip applied after a non-zero update."""
-    infos = {"wq": make_info(("layers", "embed", "heads", "head_dim"), ("embed",), qk=(("q", 4),), qk_stats="s"),
-             "wk": make_info(("layers", "embed", "heads", "head_dim"), ("embed",), qk=(("k", 4),), qk_stats="s")}
+    infos = {"wq": make_info(("layers", "embed", "heads", "head_dim"), ("embed",), qk=(("q", 4),), stats_key="s"),
+             "wk": make_info(("layers", "embed", "heads", "head_dim"), ("embed",), qk=(("k", 4),), stats_key="s")}
     params = {n: jax.random.normal(jax.random.key(i), (2, 8, 3, 4)) for i, n in enumerate(infos)}
     updates = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
     s = jnp.asarray([[50.0, 200.0, 100.0], [400.0, 10.0, 100.0]])
@@ -156,7 +156,7 @@ def test_qk_clip_with_scanned_layers_and_real_update():
 
 
 def test_qk_clip_rejects_missing_or_misshaped_stats():
-    infos = {"wq": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("q", 4),), qk_stats="attn")}
+    infos = {"wq": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("q", 4),), stats_key="attn")}
     params = {"wq": jnp.ones((8, 3, 4))}
     tx = qk_clip(infos, tau=1.0)
     state = tx.init(params)
@@ -169,8 +169,8 @@ def test_qk_clip_rejects_missing_or_misshaped_stats():
 
 
 def test_muonclip_never_touches_momentum_and_jits():
-    infos = {"wq": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("q", 4),), qk_stats="a"),
-             "wk": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("k", 4),), qk_stats="a")}
+    infos = {"wq": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("q", 4),), stats_key="a"),
+             "wk": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("k", 4),), stats_key="a")}
     params = {n: jax.random.normal(jax.random.key(i), (8, 2, 4)) for i, n in enumerate(infos)}
     grads = jax.tree.map(jnp.ones_like, params)
     clipped, plain = muonclip(1e-2, infos, tau=1.0), muonclip(1e-2, infos, clip=False)

@@ -181,7 +181,8 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
     import jax.numpy as jnp
     import numpy as np
 
-    from k2jax.data import corpus as corpus_lib, pipeline
+    from batches import eval_batches
+    from k2jax.data import corpus as corpus_lib
     from k2jax.generate import load_run, sample
     from k2jax.train.step import token_losses
 
@@ -191,8 +192,8 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
     # the restored model, called directly, reproduces the held-out loss the run logged at its last step
     _, heldout = corpus_lib.load_corpus(run.config.data)
     nll, count = 0.0, 0.0
-    for b in pipeline.eval_batches(run.config.data, run.tokenizer, heldout, run.config.train.batch_size,
-                                   run.config.train.eval_batches):
+    for b in eval_batches(run.config.data, run.tokenizer, heldout, run.config.train.batch_size,
+                          run.config.train.eval_batches):
         logits, _ = run.model(jnp.asarray(b["inputs"]), jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"]))
         s, c = token_losses(logits, jnp.asarray(b["targets"]), jnp.asarray(b["segment_ids"] > 0, jnp.float32))
         nll, count = nll + float(s), count + float(c)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from k2jax.config import ConfigError, DataConfig
+from k2jax.config import ConfigError
 
 PACKING_BINS = 8  # rows under construction at once: more bins fill rows better
 
@@ -64,22 +64,10 @@ def shard_documents(texts: list[str], shard_index: int, shard_count: int) -> lis
     return texts[shard_index::shard_count]
 
 
-def make_train_iterator(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, *, seed: int,
-                        shard_index: int = 0, shard_count: int = 1):
-    """Endless, epoch-reshuffled batches; this process reads documents shard_index::shard_count."""
-    chunks = chunk_documents(tokenizer, shard_documents(texts, shard_index, shard_count), cfg.seq_len)
-    return train_iterator(chunks, cfg.seq_len, batch_size, seed=seed)
-
-
 def train_iterator(chunks, seq_len: int, batch_size: int, *, seed: int):
     """Endless, epoch-reshuffled batches from a random-access sequence of token chunks."""
     ds = grain.MapDataset.source(chunks).shuffle(seed=seed).repeat().map(_pairs)
     return iter(_rows(ds.to_iter_dataset(), seq_len, batch_size, seed))
-
-
-def eval_batches(cfg: DataConfig, tokenizer, texts: list[str], batch_size: int, num_batches: int) -> list[dict]:
-    """The same held-out batches every call (no shuffling); fewer if the held-out text runs out."""
-    return fixed_batches(chunk_documents(tokenizer, texts, cfg.seq_len), cfg.seq_len, batch_size, num_batches)
 
 
 def fixed_batches(chunks, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:

@@ -89,7 +89,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.scale = softmax_scale(cfg)
         d, h = cfg.d_model, cfg.num_heads
-        qk = dict(in_axes=("embed",), qk_stats=stats_key)
+        qk = dict(in_axes=("embed",), stats_key=stats_key)
         if cfg.attention == "mla":
             nope, rope, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
             q_roles = (("q_nope", nope), ("q_rope", rope))
@@ -98,7 +98,7 @@ class Attention(nnx.Module):
                 self.q_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs)
                 self.wq_b = make_param(rngs, (cfg.q_lora_rank, h, nope + rope), cfg,
                                        axes=("q_lora", "heads", "head_dim"), in_axes=("q_lora",), qk=q_roles,
-                                       qk_stats=stats_key)
+                                       stats_key=stats_key)
             else:
                 self.wq = make_param(rngs, (d, h, nope + rope), cfg, axes=("embed", "heads", "head_dim"),
                                      qk=q_roles, **qk)
@@ -107,7 +107,7 @@ class Attention(nnx.Module):
             self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg, rngs)
             self.wkv_b = make_param(rngs, (cfg.kv_lora_rank, h, nope + dv), cfg,
                                     axes=("kv_lora", "heads", "head_dim"), in_axes=("kv_lora",),
-                                    qk=(("k_nope", nope), ("v", dv)), qk_stats=stats_key)
+                                    qk=(("k_nope", nope), ("v", dv)), stats_key=stats_key)
         else:
             dh, g = cfg.head_dim, cfg.num_kv_heads
             self.wq = make_param(rngs, (d, h, dh), cfg, axes=("embed", "heads", "head_dim"), qk=(("q", dh),), **qk)

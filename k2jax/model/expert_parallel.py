@@ -26,6 +26,7 @@ bookkeeping on fake devices.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,23 @@ from k2jax.platform import target_platform
 AXIS = "expert"
 
 
-def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mesh):
+class Experts(NamedTuple):
+    """The experts' SwiGLU weights."""
+
+    gate: jax.Array  # (E, D, F)
+    up: jax.Array  # (E, D, F)
+    down: jax.Array  # (E, F, D)
+
+
+class ExpertSpecs(NamedTuple):
+    """PartitionSpecs of a dispatch's operands."""
+
+    tokens: P  # the token rows (N, 1)
+    w_in: P  # gate and up (E, D, F)
+    w_out: P  # down (E, F, D)
+
+
+def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mesh) -> ExpertSpecs | None:
     """Token and expert-weight PartitionSpecs for the dispatches here, or None when the mesh does
     not split the tokens, or splits the experts over its expert axis but not the tokens."""
     if mesh.empty:
@@ -48,13 +65,13 @@ def expert_parallel_specs(n_tokens: int, expert_shape: tuple[int, int, int], mes
     if tokens[0] is None or (w_in[0] == AXIS and AXIS not in spec_axes(tokens[0])):
         return None
     w_out = logical_spec(("experts", "expert_mlp", "embed"), expert_shape[:1] + expert_shape[:0:-1], mesh)
-    return tokens, w_in, w_out
+    return ExpertSpecs(tokens, w_in, w_out)
 
 
-def splits_experts(specs) -> bool:
+def splits_experts(specs: ExpertSpecs) -> bool:
     """Whether the experts are split over the expert axis (all-gather / all-to-all), or whole
     on every shard (`dispatch_local`)."""
-    return specs[1][0] == AXIS
+    return specs.w_in[0] == AXIS
 
 
 def _varying(a, axes: tuple[str, ...], spec):
@@ -66,74 +83,72 @@ def _varying(a, axes: tuple[str, ...], spec):
     return jax.lax.pcast(a, axes, to="varying") if axes else a
 
 
-def _whole_experts(w_gate, w_up, w_down, specs):
+def _whole_experts(experts: Experts, specs: ExpertSpecs) -> Experts:
     """Gather the FSDP shards of this shard's experts: whole d_model rows. Marked first as
     varying over the token axes that do not split them (data, say), so that AD reduce-scatters
     their gradients to FSDP shards before summing them over those axes, at 1/fsdp the size."""
-    tokens, w_in, w_out = specs
-    rows = spec_axes(tokens[0])
-    w_gate, w_up = _varying(w_gate, rows, w_in), _varying(w_up, rows, w_in)
-    w_down = _varying(w_down, rows, w_out)
-    for axis in spec_axes(w_in[1]):
-        w_gate = jax.lax.all_gather(w_gate, axis, axis=1, tiled=True)
-        w_up = jax.lax.all_gather(w_up, axis, axis=1, tiled=True)
-    for axis in spec_axes(w_out[2]):
-        w_down = jax.lax.all_gather(w_down, axis, axis=2, tiled=True)
-    return w_gate, w_up, w_down
+    rows = spec_axes(specs.tokens[0])
+    gate, up = _varying(experts.gate, rows, specs.w_in), _varying(experts.up, rows, specs.w_in)
+    down = _varying(experts.down, rows, specs.w_out)
+    for axis in spec_axes(specs.w_in[1]):
+        gate = jax.lax.all_gather(gate, axis, axis=1, tiled=True)
+        up = jax.lax.all_gather(up, axis, axis=1, tiled=True)
+    for axis in spec_axes(specs.w_out[2]):
+        down = jax.lax.all_gather(down, axis, axis=2, tiled=True)
+    return Experts(gate, up, down)
 
 
-def _tensor(specs) -> tuple[str, ...]:
+def _tensor(specs: ExpertSpecs) -> tuple[str, ...]:
     """The mesh axes that split the expert FFN width (each shard computes partial sums)."""
-    return spec_axes(specs[1][2])
+    return spec_axes(specs.w_in[2])
 
 
-def _split_width(x, specs):
+def _split_width(x, specs: ExpertSpecs):
     """This shard's tokens (N/shards, D) as input to a tensor-split FFN width: AD then sums
     the partial gradients once, at this shape, not at every buffer of token copies."""
-    return _varying(x, _tensor(specs), specs[0])
+    return _varying(x, _tensor(specs), specs.tokens)
 
 
-def _sum_tensor(y, specs):
+def _sum_tensor(y, specs: ExpertSpecs):
     """Sum the partial outputs of a tensor-split expert FFN width."""
     tensor = _tensor(specs)
     return jax.lax.psum(y, tensor) if tensor else y
 
 
-def _shard_map(local, mesh, specs, out_specs, *args):
-    tokens, w_in, w_out = specs
-    token_spec = P(tokens[0], None)
-    in_specs = (token_spec, token_spec, token_spec, w_in, w_in, w_out)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+def _shard_map(local, mesh, specs: ExpertSpecs, out_specs, x, ids, weights, experts: Experts):
+    """local(x, ids, weights, experts) on each shard's token rows and expert weights."""
+    token_spec = P(specs.tokens[0], None)
+    in_specs = (token_spec, token_spec, token_spec, Experts(specs.w_in, specs.w_in, specs.w_out))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(x, ids, weights, experts)
 
 
-def dispatch_local(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
+def dispatch_local(x, ids, weights, experts: Experts, mesh, specs: ExpertSpecs, impl: str = "ragged_dot"):
     """Each shard's own tokens through all experts: `dispatch_all_gather` without the exchange.
-    x (N, D), ids/weights (N, K), experts (E, D, F)/(E, F, D) -> (N, D), dropped fraction (0)."""
+    x (N, D), ids/weights (N, K) -> (N, D), dropped fraction (0)."""
 
-    def local(x, ids, weights, w_gate, w_up, w_down):
-        experts = _whole_experts(w_gate, w_up, w_down, specs)
+    def local(x, ids, weights, experts):
+        experts = _whole_experts(experts, specs)
         y, _ = dispatch_ragged(_split_width(x, specs), ids, weights, *experts, impl)  # (N/shards, D)
         return _sum_tensor(y, specs)
 
-    y = _shard_map(local, mesh, specs, P(specs[0][0], None), x, ids, weights, w_gate, w_up, w_down)
+    y = _shard_map(local, mesh, specs, P(specs.tokens[0], None), x, ids, weights, experts)
     return y, jnp.zeros((), jnp.float32)
 
 
-def dispatch_all_gather(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot"):
-    """x (N, D), ids/weights (N, K), experts (E, D, F)/(E, F, D) -> (N, D), dropped fraction (0):
-    the same result as `grouped.dispatch_ragged` on one device."""
+def dispatch_all_gather(x, ids, weights, experts: Experts, mesh, specs: ExpertSpecs, impl: str = "ragged_dot"):
+    """x (N, D), ids/weights (N, K) -> (N, D), dropped fraction (0): the same result as
+    `grouped.dispatch_ragged` on one device."""
 
-    def local(x, ids, weights, w_gate, w_up, w_down):
-        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs)
+    def local(x, ids, weights, experts):
+        experts = _whole_experts(experts, specs)
         gather = lambda a: jax.lax.all_gather(a, AXIS, axis=0, tiled=True)  # noqa: E731
-        first_expert = jax.lax.axis_index(AXIS) * w_gate.shape[0]
+        first_expert = jax.lax.axis_index(AXIS) * experts.gate.shape[0]
         x = gather(_split_width(x, specs))  # (N_group, D)
-        y, _ = dispatch_ragged(x, gather(ids) - first_expert, gather(weights), w_gate, w_up, w_down, impl)
+        y, _ = dispatch_ragged(x, gather(ids) - first_expert, gather(weights), *experts, impl)
         y = jax.lax.psum_scatter(y, AXIS, scatter_dimension=0, tiled=True)  # (N/ep, D) of own tokens
         return _sum_tensor(y, specs)
 
-    token_spec = P(specs[0][0], None)
-    y = _shard_map(local, mesh, specs, token_spec, x, ids, weights, w_gate, w_up, w_down)
+    y = _shard_map(local, mesh, specs, P(specs.tokens[0], None), x, ids, weights, experts)
     return y, jnp.zeros((), jnp.float32)
 
 
@@ -171,7 +186,7 @@ def buffer_rows(n_local: int, k: int, ep: int, buffer_factor: float) -> int:
     return worst if buffer_factor == 0 else min(worst, max(1, math.ceil(buffer_factor * n_local * k)))
 
 
-def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl: str = "ragged_dot",
+def dispatch_all_to_all(x, ids, weights, experts: Experts, mesh, specs: ExpertSpecs, impl: str = "ragged_dot",
                         buffer_factor: float = 0.0):
     """Like `dispatch_all_gather`, but every token copy travels to its expert's shard and back.
 
@@ -181,11 +196,11 @@ def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl
     """
     ep = mesh.shape[AXIS]
 
-    def local(x, ids, weights, w_gate, w_up, w_down):
-        w_gate, w_up, w_down = _whole_experts(w_gate, w_up, w_down, specs)
+    def local(x, ids, weights, experts):
+        experts = _whole_experts(experts, specs)
         x = _split_width(x, specs)
         n, k = ids.shape  # this shard's tokens
-        e_local = w_gate.shape[0]
+        e_local = experts.gate.shape[0]
         flat = ids.reshape(-1)
         order = jnp.argsort(flat, stable=True)  # copies by expert, hence by destination shard
         copies = x[order // k]  # (n*k, D)
@@ -207,7 +222,7 @@ def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl
         expert = jnp.where(row_group < ep * e_local, row_group % e_local, e_local)
         by_expert = jnp.argsort(expert, stable=True)
         group_sizes = jnp.bincount(expert, length=e_local).astype(jnp.int32)
-        out = swiglu_grouped(impl)(received[by_expert], w_gate, w_up, w_down, group_sizes)
+        out = swiglu_grouped(impl)(received[by_expert], *experts, group_sizes)
         out = jnp.zeros_like(out).at[by_expert].set(out)
 
         back = _exchange(out, jnp.zeros_like(copies), recv_offsets, accepted_from,
@@ -217,7 +232,6 @@ def dispatch_all_to_all(x, ids, weights, w_gate, w_up, w_down, mesh, specs, impl
         dropped = (n * k - jnp.sum(send_sizes)).astype(jnp.float32)[None]  # (1,) per shard
         return _sum_tensor(y, specs), dropped
 
-    token_axes = specs[0][0]
-    y, dropped = _shard_map(local, mesh, specs, (P(token_axes, None), P(token_axes)), x, ids, weights, w_gate,
-                            w_up, w_down)
+    token_axes = specs.tokens[0]
+    y, dropped = _shard_map(local, mesh, specs, (P(token_axes, None), P(token_axes)), x, ids, weights, experts)
     return y, jnp.sum(dropped) / ids.size

@@ -17,7 +17,7 @@ def dtype_of(name: str):
 
 
 def make_param(rngs: nnx.Rngs, shape, cfg: ModelConfig, *, axes, kind="matrix", in_axes=(), qk=None,
-               qk_stats=None, init="normal", std=None) -> nnx.Param:
+               stats_key=None, init="normal", std=None) -> nnx.Param:
     """An nnx.Param carrying k2jax metadata (see k2jax/params.py).
 
     init: "normal" (std defaults to cfg.init_std), "ones" or "zeros".
@@ -33,7 +33,7 @@ def make_param(rngs: nnx.Rngs, shape, cfg: ModelConfig, *, axes, kind="matrix", 
         raise ValueError(f"unknown init {init!r}")
     if len(axes) != len(shape):
         raise ValueError(f"axes {axes} do not match shape {shape}")
-    return nnx.Param(value.astype(dtype), **param_metadata(axes, kind, in_axes, qk, qk_stats))
+    return nnx.Param(value.astype(dtype), **param_metadata(axes, kind, in_axes, qk, stats_key))
 
 
 class RMSNorm(nnx.Module):

@@ -28,7 +28,7 @@ from flax import nnx
 
 from k2jax.config import ModelConfig
 from k2jax.model.layers import SwiGLU, dtype_of, make_param
-from k2jax.model.expert_parallel import (dispatch_all_gather, dispatch_all_to_all, dispatch_local,
+from k2jax.model.expert_parallel import (Experts, dispatch_all_gather, dispatch_all_to_all, dispatch_local,
                                          expert_parallel_specs, splits_experts)
 from k2jax.model.grouped import dispatch_ragged, grouped_matmul_impl
 
@@ -165,23 +165,23 @@ class MoE(nnx.Module):
         ids, weights = route(logits, bias, cfg)
         weights = weights * vf[:, None]
         cdt = dtype_of(cfg.compute_dtype)
-        experts = (self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
+        experts = Experts(self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
         mesh = jax.sharding.get_abstract_mesh()  # set by the train/eval step around its trace (else empty)
         ep_specs = None
         if cfg.moe_dispatch == "ragged" and cfg.expert_parallel != "gspmd":
-            ep_specs = expert_parallel_specs(xf.shape[0], experts[0].shape, mesh)
+            ep_specs = expert_parallel_specs(xf.shape[0], experts.gate.shape, mesh)
         impl = grouped_matmul_impl(cfg)
         if cfg.moe_dispatch == "capacity":
             y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, cfg.capacity_factor)
         elif ep_specs is None:
             y, dropped = dispatch_ragged(xf, ids, weights, *experts, impl)
         elif not splits_experts(ep_specs):
-            y, dropped = dispatch_local(xf, ids, weights, *experts, mesh, ep_specs, impl)
+            y, dropped = dispatch_local(xf, ids, weights, experts, mesh, ep_specs, impl)
         elif cfg.expert_parallel == "all_to_all":
-            y, dropped = dispatch_all_to_all(xf, ids, weights, *experts, mesh, ep_specs, impl,
-                                             cfg.expert_buffer_factor)
+            y, dropped = dispatch_all_to_all(xf, ids, weights, experts, mesh, ep_specs, impl,
+                                             buffer_factor=cfg.expert_buffer_factor)
         else:
-            y, dropped = dispatch_all_gather(xf, ids, weights, *experts, mesh, ep_specs, impl)
+            y, dropped = dispatch_all_gather(xf, ids, weights, experts, mesh, ep_specs, impl)
         if self.shared is not None:
             y = y + self.shared(xf)
         vmask = vf.astype(jnp.float32)

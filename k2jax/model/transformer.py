@@ -100,7 +100,7 @@ class Transformer(nnx.Module):
         """tokens, positions, segment_ids: int32 (B, T); segment 0 marks padding.
 
         Returns logits (B, T, V) in float32 and a stats dict:
-          max_logits[key]: (L, H) or (H,) float32, keyed like the params' qk_stats;
+          max_logits[key]: (L, H) or (H,) float32, keyed like the params' stats_key;
           expert_counts[key]: (L, E) or (E,) tokens routed per expert (MoE stacks);
           balance_hist[key]: (L, E, QB_BINS) or (E, QB_BINS), with router_balance=quantile;
           aux_loss, z_loss: scalars summed over layers; dropped_fraction: mean over MoE layers.

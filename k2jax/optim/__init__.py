@@ -18,7 +18,7 @@ from k2jax.optim.muon import MUON, muon_or_adamw, rule_of
 from k2jax.optim.qk_clip import QKClipState, qk_clip
 from k2jax.optim.schedules import make_schedule
 from k2jax.parallel.sharding import spec_text
-from k2jax.params import ParamInfo
+from k2jax.params import is_info
 
 __all__ = ["muonclip", "make_optimizer", "make_schedule", "qk_clip", "qk_clip_metrics", "describe"]
 
@@ -68,7 +68,7 @@ def describe(param_infos, optimizer: str = "muonclip", shardings=None) -> list[t
     """(path, logical axes, update rule, qk-clip role[, placement]) per parameter, for `k2jax info
     --params`; the placement (mesh axes per dimension) when given the parameters' shardings
     (k2jax.parallel.sharding.param_shardings)."""
-    flat = jax.tree_util.tree_flatten_with_path(param_infos, is_leaf=lambda x: isinstance(x, ParamInfo))[0]
+    flat = jax.tree_util.tree_flatten_with_path(param_infos, is_leaf=is_info)[0]
     if shardings is None:
         placements = [()] * len(flat)
     else:
@@ -80,7 +80,7 @@ def describe(param_infos, optimizer: str = "muonclip", shardings=None) -> list[t
             rule = f"muon(in={','.join(info.axes[i] for i in info.reduction_axes)})"
         clip = "-"
         if optimizer == "muonclip" and info.qk:
-            clip = "+".join(f"{role}:{w}" for role, w in info.qk) + f" @{info.qk_stats}"
+            clip = "+".join(f"{role}:{w}" for role, w in info.qk) + f" @{info.stats_key}"
         path_text = "/".join(str(getattr(k, "key", k)) for k in path)
         rows.append((path_text, "(" + ",".join(info.axes) + ")", rule, clip, *placement))
     return rows

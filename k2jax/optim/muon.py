@@ -20,15 +20,11 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
-from k2jax.optim.owner import matrix_flops, owner_newton_schulz_tree
-from k2jax.params import ParamInfo
+from k2jax.optim.owner import is_masked, matrix_flops, owner_newton_schulz_tree
+from k2jax.params import ParamInfo, is_info
 
 MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
 _DECAYED_KINDS = ("embedding", "unembedding")  # norms, router and biases are not decayed
-
-
-def _is_info(x) -> bool:
-    return isinstance(x, ParamInfo)
 
 
 def rule_of(info: ParamInfo, use_muon: bool = True) -> str:
@@ -38,7 +34,7 @@ def rule_of(info: ParamInfo, use_muon: bool = True) -> str:
 
 
 def labels(infos, use_muon: bool = True):
-    return jax.tree.map(lambda i: rule_of(i, use_muon), infos, is_leaf=_is_info)
+    return jax.tree.map(lambda i: rule_of(i, use_muon), infos, is_leaf=is_info)
 
 
 def dimension_numbers(info: ParamInfo) -> MuonDimensionNumbers:
@@ -57,17 +53,13 @@ def newton_schulz_flops(infos, shapes, steps: int = 5, use_muon: bool = True) ->
     False (AdamW everywhere) gives 0. Per (A, B) matrix and step: `owner.matrix_flops`.
     """
     total = 0.0
-    for info, x in zip(jax.tree.leaves(infos, is_leaf=_is_info), jax.tree.leaves(shapes)):
+    for info, x in zip(jax.tree.leaves(infos, is_leaf=is_info), jax.tree.leaves(shapes)):
         if rule_of(info, use_muon) != MUON:
             continue
         a, b = matrix_shape(info, x.shape)
         count = math.prod(x.shape) // (a * b)  # stacked layers / experts
         total += count * steps * matrix_flops(a, b)
     return total
-
-
-def _skip_masked(x) -> bool:
-    return isinstance(x, optax.MaskedNode)
 
 
 def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
@@ -83,7 +75,7 @@ def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
                 return u
             return u * (rms_scale * math.sqrt(max(matrix_shape(info, u.shape))))
 
-        return jax.tree.map(scale, updates, infos, is_leaf=_skip_masked), state
+        return jax.tree.map(scale, updates, infos, is_leaf=is_masked), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -94,12 +86,12 @@ def newton_schulz_tree(infos, ns_coeffs, ns_steps: int, dtype):
     coeffs = jnp.asarray(ns_coeffs, dtype)
 
     def orthogonalise(u, info):
-        if _skip_masked(u):
+        if is_masked(u):
             return u
         return orthogonalize_via_newton_schulz(u.astype(dtype), coeffs, ns_steps,
                                                dimension_numbers=dimension_numbers(info)).astype(u.dtype)
 
-    return lambda updates: jax.tree.map(orthogonalise, updates, infos, is_leaf=_skip_masked)
+    return lambda updates: jax.tree.map(orthogonalise, updates, infos, is_leaf=is_masked)
 
 
 def scale_by_muon_with(orthogonalise, **muon_kwargs) -> optax.GradientTransformation:

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
-from k2jax.params import ParamInfo
+from k2jax.params import ParamInfo, is_info
 from k2jax.parallel.sharding import logical_spec, spec_axes
 
 
@@ -192,12 +192,13 @@ def owner_newton_schulz_flops(infos, shapes, mesh, steps: int) -> float:
 
 def _layouts(infos, leaves, mesh) -> list[tuple[int, OwnerLayout]]:
     """(index among `leaves`, layout) of every Muon matrix; leaves: the flattened updates."""
-    flat_infos = jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, ParamInfo))
+    flat_infos = jax.tree.leaves(infos, is_leaf=is_info)
     return [(i, owner_layout(info, u.shape, mesh)) for i, (u, info) in enumerate(zip(leaves, flat_infos))
-            if not _is_masked(u) and info.kind == "matrix"]
+            if not is_masked(u) and info.kind == "matrix"]
 
 
-def _is_masked(x) -> bool:
+def is_masked(x) -> bool:
+    """`is_leaf` for updates in which optax.masked left MaskedNodes (the other branch's leaves)."""
     return isinstance(x, optax.MaskedNode)
 
 
@@ -208,7 +209,7 @@ def owner_newton_schulz_tree(infos, mesh, ns_coeffs, ns_steps: int, dtype):
     coeffs = jnp.asarray(ns_coeffs, dtype)
 
     def tree(updates):
-        leaves, structure = jax.tree.flatten(updates, is_leaf=_is_masked)
+        leaves, structure = jax.tree.flatten(updates, is_leaf=is_masked)
         found = _layouts(infos, leaves, mesh)
         rotations, _ = assign_owners([layout for _, layout in found], mesh, ns_steps)
         for (i, layout), rotation in zip(found, rotations):

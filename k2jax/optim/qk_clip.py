@@ -35,10 +35,6 @@ class QKClipState(NamedTuple):
     min_gamma: jax.Array  # float32: smallest gamma_h in the last step (1 if none clipped)
 
 
-def _is_info(x) -> bool:
-    return isinstance(x, ParamInfo)
-
-
 def _grouped_keys(params, infos) -> set[str]:
     """Stats keys whose key projection has fewer heads than its queries (GQA).
 
@@ -49,7 +45,7 @@ def _grouped_keys(params, infos) -> set[str]:
 
     def record(w, info):
         if info.qk is not None:
-            heads.setdefault(info.qk_stats, set()).add(w.shape[info.head_axis])
+            heads.setdefault(info.stats_key, set()).add(w.shape[info.head_axis])
 
     jax.tree.map(record, params, infos)
     return {key for key, counts in heads.items() if len(counts) > 1}
@@ -71,15 +67,15 @@ def _exponents(info: ParamInfo, alpha: float, grouped: bool) -> np.ndarray:
 def _gamma_for(path, info: ParamInfo, shape, stats, tau):
     """gamma (*layers, H) broadcast against a parameter of `shape`, validated."""
     name = jax.tree_util.keystr(path)
-    if info.qk_stats not in stats:
-        raise ValueError(f"qk_clip: attn_max_logits has no entry {info.qk_stats!r} for parameter {name}; "
+    if info.stats_key not in stats:
+        raise ValueError(f"qk_clip: attn_max_logits has no entry {info.stats_key!r} for parameter {name}; "
                          f"got keys {sorted(stats)}")
-    s = jnp.asarray(stats[info.qk_stats], jnp.float32)
+    s = jnp.asarray(stats[info.stats_key], jnp.float32)
     layer_dims = tuple(shape[i] for i in info.layer_axes)
     head_dim = shape[info.head_axis]
     heads = s.shape[-1] if s.ndim else None
     if s.shape[:-1] != layer_dims or heads is None or heads % head_dim:
-        raise ValueError(f"qk_clip: attn_max_logits[{info.qk_stats!r}] has shape {s.shape}, expected "
+        raise ValueError(f"qk_clip: attn_max_logits[{info.stats_key!r}] has shape {s.shape}, expected "
                          f"{layer_dims + (head_dim,)} (layers, heads) for parameter {name} of shape {shape}")
     gamma = jnp.minimum(1.0, tau / jnp.maximum(s, 1e-30))
     if heads != head_dim:  # key of a GQA group: its exponent is 0, any per-group value works
@@ -111,7 +107,7 @@ def qk_clip(param_infos, tau: float = 100.0, alpha: float = 0.5) -> optax.Gradie
             if info.qk is None:
                 return u
             gamma = _gamma_for(path, info, w.shape, attn_max_logits, tau)
-            scale = gamma ** _exponents(info, alpha, info.qk_stats in grouped)  # broadcast over head_dim
+            scale = gamma ** _exponents(info, alpha, info.stats_key in grouped)  # broadcast over head_dim
             clipped = (scale * (w + u).astype(jnp.float32)).astype(w.dtype) - w
             return jnp.where(scale < 1.0, clipped.astype(u.dtype), u)
 

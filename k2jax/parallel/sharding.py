@@ -3,7 +3,8 @@
 Mesh axes: data (batch), fsdp (batch and parameter shards), expert (MoE experts)
 and tensor (heads / FFN width). Changing the parallelism is a change of
 MeshConfig, never of model code. Axes are Auto (GSPMD propagation), because
-jax.lax.ragged_dot does not support Explicit-axis meshes (REFERENCES.md).
+jax.lax.ragged_dot does not support Explicit-axis meshes (its sharding rule raises "Explicit
+sharding inference for ragged_dot_general is not currently implemented" without out_sharding).
 
 Parameters (and the optimizer state laid out like them) are placed strictly: a
 mesh axis of size > 1 that LOGICAL_RULES assigns to a dimension must divide it,
@@ -32,7 +33,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from k2jax.config import ConfigError, MeshConfig
-from k2jax.params import ParamInfo
+from k2jax.params import is_info
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -134,7 +135,7 @@ def param_shardings(infos, params, mesh: Mesh | AbstractMesh):
         name = f"parameter {'/'.join(str(getattr(k, 'key', k)) for k in path)} {tuple(x.shape)}"
         return NamedSharding(mesh, logical_spec(info.axes, x.shape, mesh, strict=True, name=name))
 
-    return jax.tree_util.tree_map_with_path(shard, infos, params, is_leaf=lambda x: isinstance(x, ParamInfo))
+    return jax.tree_util.tree_map_with_path(shard, infos, params, is_leaf=is_info)
 
 
 def spec_text(spec: P) -> str:

@@ -3,7 +3,7 @@
 A sweep file (experiments/sweeps/*.yaml):
 
     name: optimizer
-    base: experiments/ablations/cpu.yaml     # relative to the repository or the sweep file
+    base: experiments/ablation_cpu.yaml      # relative to the repository or the sweep file
     out_dir: runs/sweeps/optimizer
     set: {train.steps: 300}                  # fixed overrides for every run
     grid:                                    # the cartesian product of the axes

@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from k2jax.config import MeshConfig
-from k2jax.model.expert_parallel import (buffer_rows, dispatch_all_gather, dispatch_all_to_all, dispatch_local,
-                                         expert_parallel_specs, splits_experts)
+from k2jax.model.expert_parallel import (ExpertSpecs, Experts, buffer_rows, dispatch_all_gather, dispatch_all_to_all,
+                                         dispatch_local, expert_parallel_specs, splits_experts)
 from k2jax.model.grouped import dispatch_ragged
 from k2jax.parallel.sharding import make_mesh
 from k2jax.platform import lowering_for
@@ -36,6 +36,15 @@ def _loss(dispatch, ids=IDS):
     return lambda x, w, *ex: jnp.sum(dispatch(x, ids, w, *ex)[0] * PROBE)
 
 
+def _on_mesh(dispatch, mesh, specs, **kw):
+    """dispatch with `grouped.dispatch_ragged`'s arguments: x, ids, weights, gate, up, down."""
+    return lambda x, ids, w, *ex: dispatch(x, ids, w, Experts(*ex), mesh, specs, **kw)
+
+
+def _compiled_value_and_grad(dispatch):
+    return jax.jit(jax.value_and_grad(_loss(dispatch), argnums=GRAD_ARGS)).lower(X, WEIGHTS, *EXPERTS).compile()
+
+
 def _check(got, ref, label):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4, err_msg=label)
@@ -52,11 +61,10 @@ def reference():
 def test_split_experts_match_one_device(axes, reference, capfd):
     mesh = make_mesh(MeshConfig(**axes))
     specs = expert_parallel_specs(N, (E, D, F), mesh)
-    assert specs is not None and specs[1][0] == "expert", (axes, specs)
+    assert specs is not None and specs.w_in[0] == "expert", (axes, specs)
     for name, dispatch, collective in [("all_gather", dispatch_all_gather, "reduce-scatter"),
                                        ("all_to_all", dispatch_all_to_all, "all-to-all")]:
-        ep = lambda *a: dispatch(*a, mesh=mesh, specs=specs)  # noqa: E731
-        step = jax.jit(jax.value_and_grad(_loss(ep), argnums=GRAD_ARGS)).lower(X, WEIGHTS, *EXPERTS).compile()
+        step = _compiled_value_and_grad(_on_mesh(dispatch, mesh, specs))
         _check(step(X, WEIGHTS, *EXPERTS), reference, f"{name} {axes}")
         assert collective in step.as_text() and "all-gather" in step.as_text(), (name, axes)
     assert FULL_REMAT not in capfd.readouterr().err
@@ -68,8 +76,7 @@ def test_all_to_all_buffer_keeps_the_first_copies_in_token_order(capfd):
     mesh = make_mesh(MeshConfig(data=1, expert=8))
     specs = expert_parallel_specs(N, (E, D, F), mesh)
     assert buffer_rows(N // 8, K, 8, 1.0) == 24 and buffer_rows(N // 8, K, 8, 0.0) == 8 * 24
-    y, dropped = jax.jit(lambda *a: dispatch_all_to_all(*a, mesh=mesh, specs=specs, buffer_factor=1.0))(
-        X, IDS, WEIGHTS, *EXPERTS)
+    y, dropped = jax.jit(_on_mesh(dispatch_all_to_all, mesh, specs, buffer_factor=1.0))(X, IDS, WEIGHTS, *EXPERTS)
     flat = np.asarray(IDS).ravel()
     rank = np.array([np.sum(flat[:i] == flat[i]) for i in range(flat.size)])  # earlier copies, same expert
     assert (rank >= 24).any()
@@ -84,10 +91,9 @@ def test_all_to_all_exchange_is_ragged_all_to_all_on_gpu_and_tpu(platform):
     """Forward and backward: four of XLA's ragged all-to-alls."""
     mesh = make_mesh(MeshConfig(data=1, expert=8))
     specs = expert_parallel_specs(N, (E, D, F), mesh)
-    ep = lambda *a: dispatch_all_to_all(*a, mesh=mesh, specs=specs)  # noqa: E731
     with lowering_for(platform):
-        text = jax.jit(jax.grad(_loss(ep), argnums=GRAD_ARGS)).trace(X, WEIGHTS, *EXPERTS).lower(
-            lowering_platforms=(platform,)).as_text()
+        grad = jax.grad(_loss(_on_mesh(dispatch_all_to_all, mesh, specs)), argnums=GRAD_ARGS)
+        text = jax.jit(grad).trace(X, WEIGHTS, *EXPERTS).lower(lowering_platforms=(platform,)).as_text()
     assert text.count("@ragged_all_to_all") == 4, (platform, text.count("@ragged_all_to_all"))
 
 
@@ -105,8 +111,7 @@ def test_local_dispatch_matches_one_device_without_token_all_reduces(axes, refer
     mesh = make_mesh(MeshConfig(**axes))
     specs = expert_parallel_specs(N, (E, D, F), mesh)
     assert specs is not None and not splits_experts(specs), (axes, specs)
-    local = lambda *a: dispatch_local(*a, mesh=mesh, specs=specs)  # noqa: E731
-    step = jax.jit(jax.value_and_grad(_loss(local), argnums=GRAD_ARGS)).lower(X, WEIGHTS, *EXPERTS).compile()
+    step = _compiled_value_and_grad(_on_mesh(dispatch_local, mesh, specs))
     _check(step(X, WEIGHTS, *EXPERTS), reference, f"local {axes}")
     text = step.as_text()
     assert not _all_reduces(text, f"{N}|{N * K}"), (axes, _all_reduces(text, f"{N}|{N * K}"))
@@ -116,11 +121,11 @@ def test_local_dispatch_matches_one_device_without_token_all_reduces(axes, refer
 
 
 def test_expert_parallel_specs():
-    assert expert_parallel_specs(N, (E, D, F), make_mesh(MeshConfig(data=2, fsdp=4))) == (
-        P(("data", "fsdp"), None), P(None, "fsdp", None), P(None, None, "fsdp"))
+    assert expert_parallel_specs(N, (E, D, F), make_mesh(MeshConfig(data=2, fsdp=4))) == ExpertSpecs(
+        tokens=P(("data", "fsdp"), None), w_in=P(None, "fsdp", None), w_out=P(None, None, "fsdp"))
     # experts that do not split over the expert axis stay whole, next to tokens split over it
     specs = expert_parallel_specs(N, (6, D, F), make_mesh(MeshConfig(data=1, expert=8)))
-    assert specs[0][0] == "expert" and not splits_experts(specs), specs
+    assert specs.tokens[0] == "expert" and not splits_experts(specs), specs
     # tokens not split (one device, tensor only), or experts split but not the tokens: the caller
     # keeps the one-device path, left to GSPMD
     for axes, rows in [(dict(data=1), N), (dict(data=1, tensor=8), N), (dict(data=2, expert=4), 2)]:

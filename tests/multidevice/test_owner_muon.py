@@ -17,7 +17,7 @@ from k2jax.optim import make_optimizer
 from k2jax.optim.muon import newton_schulz_flops
 from k2jax.optim.owner import _layouts, assign_owners, owner_layout
 from k2jax.parallel.sharding import make_mesh, opt_state_shardings, param_shardings
-from k2jax.params import param_info
+from k2jax.params import is_info, param_info
 from k2jax.train.step import init_train_state, make_train_step
 
 # the real model's tree: scanned layers, stacked experts, a one-layer stack (fewer matrices than
@@ -95,7 +95,7 @@ def test_owner_assignment_counts_every_matrix_once_and_balances(axes):
     work instead of padding and gathering); padding slots are skipped."""
     mesh = make_mesh(MeshConfig(**axes))
     leaves = jax.tree.leaves(PARAMS)
-    flat_infos = jax.tree.leaves(INFOS, is_leaf=lambda x: hasattr(x, "axes"))
+    flat_infos = jax.tree.leaves(INFOS, is_leaf=is_info)
     found = _layouts(INFOS, leaves, mesh)
     _, load = assign_owners([layout for _, layout in found], mesh, 5)
     expected = 0.0

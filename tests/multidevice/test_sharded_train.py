@@ -16,7 +16,7 @@ from k2jax.model.presets import PRESETS
 from k2jax.model.transformer import Transformer
 from k2jax.optim import make_optimizer
 from k2jax.parallel.sharding import logical_spec, make_mesh, opt_state_shardings, param_shardings
-from k2jax.params import param_info
+from k2jax.params import is_info, param_info
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.step import abstract_state, init_train_state, make_train_step
 
@@ -94,7 +94,7 @@ def runs(tiny_batch, stderr_of):
 def _check_layout(name, setup, state, mesh):
     """Every parameter and its Muon momentum / Adam moments sit where the rules say."""
     flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-    infos = jax.tree.leaves(setup.infos, is_leaf=lambda x: hasattr(x, "axes"))
+    infos = jax.tree.leaves(setup.infos, is_leaf=is_info)
     for (path, x), info in zip(flat, infos):
         assert x.sharding.spec == logical_spec(info.axes, x.shape, mesh), (name, path, x.sharding.spec)
     specs = {x.shape: x.sharding.spec for _, x in flat}
