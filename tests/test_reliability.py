@@ -5,6 +5,7 @@ deleted, a truncated file, a read-only or tiny tmpfs directory); each test check
 the exit code and that nothing was lost or left behind.
 """
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -180,7 +181,7 @@ def test_preempted_run_stops_the_sweep_is_not_a_result_and_is_resumed(tmp_path, 
     assert "name=muonclip: finished, skipped" in log[0] and "name=adamw: resuming" in log[1]
     rows = results.read_text().strip().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["name=muonclip", "name=adamw"]
-    assert all(r.split(",")[-1] == "4" for r in rows)  # steps: both ran to the end
+    assert [row["steps"] for row in csv.DictReader(results.open())] == ["4", "4"]  # both ran to the end
     assert not any("preempted_at" in json.loads((d / "summary.json").read_text()) for d in (first, second))
 
 

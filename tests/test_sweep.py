@@ -48,6 +48,28 @@ def test_two_run_sweep_completes_is_skipped_when_rerun_and_is_analyzed(tmp_path,
         assert (report / png).stat().st_size > 10_000
 
 
+def test_a_diverged_run_is_a_recorded_result_and_the_sweep_goes_on(tmp_path):
+    from k2jax.sweep.analysis import analyze
+
+    path = _write_sweep(tmp_path, {"optim.learning_rate": [0.01, 1e12]}, **{"set": {
+        "train.steps": 4, "train.eval_every": 2, "train.log_every": 1, "checkpoint.every": 4,
+        "checkpoint.async_save": False, "optim.name": "adamw", "optim.warmup_steps": 0}})
+    sweep = load_sweep(path)
+    log = []
+    rows = list(csv.DictReader(run_sweep(sweep, log=log.append).open()))
+    assert [r["optim.learning_rate"] for r in rows] == ["0.01", "1000000000000.0"]
+    assert rows[0]["diverged_at"] == "" and math.isfinite(float(rows[0]["final_eval_loss"]))
+    assert int(rows[1]["diverged_at"]) >= 1 and rows[1]["final_eval_loss"] == ""
+    assert any("diverged at step" in line for line in log)
+    log.clear()
+    run_sweep(sweep, log=log.append)  # a recorded divergence is finished, not retried
+    assert all("skipped" in line for line in log)
+    tuning = analyze(sweep.out_dir, best_over="optim.learning_rate")["tuning"]
+    assert tuning == [{"setting": {}, "tried": {"0.01": float(rows[0]["final_eval_loss"]), "1000000000000": None},
+                       "best": "0.01", "at_edge": True}]
+    assert "1000000000000: diverged" in (sweep.out_dir / "report" / "report.md").read_text()
+
+
 def test_bundled_axes_and_printed_commands(tmp_path):
     path = _write_sweep(tmp_path, {"model.num_experts": [4, 8],
                                    "size": {"s": {"model.d_model": 64}, "m": {"model.d_model": 96}}})

@@ -176,14 +176,15 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "results.csv").is_file():
         raise AnalysisError(f"{sweep_dir} has no results.csv: run the sweep first")
-    rows = [r for r in read_results(sweep_dir / "results.csv") if isinstance(r.get(y), float) and math.isfinite(r[y])]
+    every_row = read_results(sweep_dir / "results.csv")
+    rows = [r for r in every_row if _finite(r.get(y))]
     if not rows:
         raise AnalysisError(f"{sweep_dir / 'results.csv'} has no finished run with a finite {y}")
     if arm is not None and arm not in rows[0]:
         raise AnalysisError(f"--arm {arm!r} is not a column of results.csv ({', '.join(rows[0])})")
     tuning = []
     if best_over is not None:
-        rows, tuning = best_per_setting(rows, best_over, y)
+        rows, tuning = best_per_setting(every_row, best_over, y)
     missing = [r["run"] for r in rows if not (sweep_dir / r["run"] / "metrics.jsonl").is_file()]
     if curves and missing:
         raise AnalysisError(f"--curves reads each run's metrics.jsonl; {len(missing)} runs have none in {sweep_dir} "
@@ -232,6 +233,10 @@ def analyze(sweep_dir: str | Path, *, arm: str | None = None, reference: str | N
     return result
 
 
+def _finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def _axis_columns(row: dict) -> list[str]:
     """The sweep's axis columns: results.csv holds run, the axes, then params_total and the results."""
     cols = list(row)
@@ -240,8 +245,8 @@ def _axis_columns(row: dict) -> list[str]:
 
 def best_per_setting(rows: list[dict], over: str, y: str) -> tuple[list[dict], list[dict]]:
     """(the lowest-`y` row of each group of rows differing only in column `over`, one record per
-    group: its other axis values, each tried value's `y`, the best, and whether the best is an
-    end of the tried range, where a wider range might do better)."""
+    group: its other axis values, each tried value's `y` (None: diverged or no result), the best,
+    and whether the best is an end of the tried range, where a wider range might do better)."""
     axes = _axis_columns(rows[0])
     if over not in axes:
         raise AnalysisError(f"--best-over {over!r} is not an axis of results.csv ({', '.join(axes)})")
@@ -252,9 +257,13 @@ def best_per_setting(rows: list[dict], over: str, y: str) -> tuple[list[dict], l
     best, tuning = [], []
     for key, group in groups.items():
         group = sorted(group, key=lambda r: r[over])
-        winner = min(group, key=lambda r: r[y])
+        results = [r for r in group if _finite(r.get(y))]
+        if not results:
+            continue
+        winner = min(results, key=lambda r: r[y])
         best.append(winner)
-        tuning.append({"setting": dict(zip(others, key)), "tried": {_arm_name(r[over]): r[y] for r in group},
+        tuning.append({"setting": dict(zip(others, key)),
+                       "tried": {_arm_name(r[over]): r[y] if _finite(r.get(y)) else None for r in group},
                        "best": _arm_name(winner[over]),
                        "at_edge": len(group) > 1 and winner in (group[0], group[-1])})
     return best, tuning
@@ -344,7 +353,8 @@ def _markdown(rows, result, y, title) -> str:
                   "range, so a wider range might do better). The fits below use the best run of each setting.", "",
                   "| setting | tried | best | |", "|---|---|---|---|"]
         for t in result["tuning"]:
-            tried = ", ".join((f"**{v}: {loss:.4f}**" if v == t["best"] else f"{v}: {loss:.4f}")
+            tried = ", ".join(f"{v}: diverged" if loss is None else
+                              (f"**{v}: {loss:.4f}**" if v == t["best"] else f"{v}: {loss:.4f}")
                               for v, loss in t["tried"].items())
             setting = ", ".join(f"{k}={v}" for k, v in t["setting"].items())
             lines.append(f"| {setting} | {tried} | {t['best']} | {'edge' if t['at_edge'] else ''} |")

@@ -34,7 +34,7 @@ from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import finished_steps
 
 RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "attention_flops", "final_loss",
-                 "final_eval_loss", "best_eval_loss", "max_logit", "expert_load_max_mean", "wall_time_s", "steps")
+                 "final_eval_loss", "best_eval_loss", "max_logit", "expert_load_max_mean", "wall_time_s", "steps", "diverged_at")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,8 @@ def result_row(sweep: Sweep, run: Run) -> dict | None:
             "final_loss": summary.get("final_loss"), "final_eval_loss": summary.get("final_eval_loss"),
             "best_eval_loss": summary.get("best_eval_loss"), "max_logit": summary.get("max_logit"),
             "expert_load_max_mean": summary.get("expert_load_max_mean"),
-            "wall_time_s": summary.get("wall_time_s"), "steps": summary["steps"]}
+            "wall_time_s": summary.get("wall_time_s"), "steps": summary["steps"],
+            "diverged_at": summary.get("diverged_at")}
 
 
 def finished(run_dir: Path) -> bool:
@@ -174,7 +175,7 @@ def write_results(sweep: Sweep) -> Path:
 def run_sweep(sweep: Sweep, log=print) -> Path:
     """Train every unfinished run in order; returns the results table. Raises Preempted, after recording
     the finished runs, when a run is preempted."""
-    from k2jax.train.loop import Preempted, train
+    from k2jax.train.loop import Preempted, TrainingDiverged, train
 
     for i, run in enumerate(sweep.runs, 1):
         out = sweep.out_dir / run.name
@@ -183,7 +184,14 @@ def run_sweep(sweep: Sweep, log=print) -> Path:
             continue
         resume = bool(finished_steps(out / "checkpoints"))
         log(f"[{i}/{len(sweep.runs)}] {run.name}: {'resuming' if resume else 'training'}")
-        summary = train(sweep.config(run), resume=resume)
+        try:
+            summary = train(sweep.config(run), resume=resume)
+        except TrainingDiverged as e:  # a result of the grid (e.g. a learning rate too high), not a failure
+            summary = {"diverged_at": e.step, "steps": e.step, "final_eval_loss": None}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            log(f"[{i}/{len(sweep.runs)}] {run.name}: diverged at step {e.step}, recorded")
+            write_results(sweep)
+            continue
         write_results(sweep)
         if "preempted_at" in summary:
             raise Preempted(f"sweep {sweep.name}: run {run.name} was preempted at step {summary['preempted_at']} "

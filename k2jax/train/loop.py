@@ -32,7 +32,9 @@ from k2jax.train.step import abstract_state, init_train_state, make_eval_step, m
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint is kept. `step`: where."""
+
+    step: int | None = None
 
     exit_code = 4  # of the CLI
 
@@ -285,9 +287,11 @@ def _diverged(step: int, loss: float, ckpt: Checkpointer) -> TrainingDiverged:
     last = ckpt.latest_step()
     kept = (f"the last good checkpoint, step {last}, is kept in {ckpt.directory}" if last is not None else
             "no checkpoint was saved before it")
-    return TrainingDiverged(f"training diverged at step {step} (loss {loss}, or non-finite weights); {kept}. "
-                            f"Lower optim.learning_rate or raise optim.warmup_steps"
-                            + (" and continue with --resume" if last is not None else ""))
+    error = TrainingDiverged(f"training diverged at step {step} (loss {loss}, or non-finite weights); {kept}. "
+                             f"Lower optim.learning_rate or raise optim.warmup_steps"
+                             + (" and continue with --resume" if last is not None else ""))
+    error.step = step
+    return error
 
 
 def _close(bar, ckpt: Checkpointer, writer, preempted, *, quiet: bool) -> None:
