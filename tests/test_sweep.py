@@ -79,6 +79,10 @@ def test_bundled_axes_and_printed_commands(tmp_path):
     assert sweep.config(sweep.runs[3]).model.d_model == 96 and sweep.config(sweep.runs[3]).model.num_experts == 8
     cmds = launch_commands(sweep, "--distributed auto")
     assert len(cmds) == 4 and "--set model.d_model=96" in cmds[3] and cmds[3].endswith("--distributed auto")
+    skipped = load_sweep(_write_sweep(tmp_path, {"model.num_experts": [4, 8],
+                                                 "size": {"s": {"model.d_model": 64}, "m": {"model.d_model": 96}}},
+                                      exclude=[{"model.num_experts": 8, "size": "s"}, {"size": "m"}]))
+    assert [r.name for r in skipped.runs] == ["num_experts=4-size=s"]
 
 
 def test_bad_sweeps_fail_before_training(tmp_path):
@@ -88,6 +92,8 @@ def test_bad_sweeps_fail_before_training(tmp_path):
         load_sweep(_write_sweep(tmp_path, {"optim.name": []}))
     with pytest.raises(ConfigError, match="unknown keys"):
         load_sweep(_write_sweep(tmp_path, {"optim.name": ["muon"]}, steps=3))
+    with pytest.raises(ConfigError, match=r"exclude names model.num_experts=3, which is not in the grid \(model.num_experts: \[4\]"):
+        load_sweep(_write_sweep(tmp_path, {"model.num_experts": [4]}, exclude=[{"model.num_experts": 3}]))
     assert not (tmp_path / "sweep").exists()
 
 

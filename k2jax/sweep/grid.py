@@ -6,6 +6,7 @@ A sweep file (experiments/sweeps/*.yaml):
     base: experiments/ablation_cpu.yaml      # relative to the repository or the sweep file
     out_dir: runs/sweeps/optimizer
     set: {train.steps: 300}                  # fixed overrides for every run
+    exclude: [{optim.name: adamw, size: d128}]  # combinations the grid skips (optional)
     grid:                                    # the cartesian product of the axes
       optim.name: [muon, adamw]              # a config key -> its values
       size:                                  # any other name -> named bundles of overrides
@@ -70,9 +71,10 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     raw = read_yaml(path) or {}
-    unknown = set(raw) - {"name", "base", "out_dir", "set", "grid"}
+    unknown = set(raw) - {"name", "base", "out_dir", "set", "grid", "exclude"}
     if unknown:
-        raise ConfigError(f"sweep {path}: unknown keys {sorted(unknown)} (allowed: name, base, out_dir, set, grid)")
+        raise ConfigError(f"sweep {path}: unknown keys {sorted(unknown)} "
+                          f"(allowed: name, base, out_dir, set, grid, exclude)")
     for key in ("name", "base", "grid"):
         if key not in raw:
             raise ConfigError(f"sweep {path}: missing '{key}'")
@@ -90,8 +92,11 @@ def load_sweep(path: str | Path) -> Sweep:
         else:
             raise ConfigError(f"sweep {path}: grid.{axis} must be a non-empty list of values or a mapping "
                               f"of named override bundles")
+    exclude = _exclusions(path, raw.get("exclude") or [], raw["grid"])
     runs = []
     for combo in itertools.product(*axes):
+        if any(all(v == rule[axis] for axis, v, _ in combo if axis in rule) for rule in exclude):
+            continue
         name = "-".join(f"{axis.split('.')[-1]}={_token(v)}" for axis, v, _ in combo)
         overrides = tuple(fixed + [o for _, _, sets in combo for o in sets])
         runs.append(Run(name, {axis: v for axis, v, _ in combo}, overrides))
@@ -102,6 +107,19 @@ def load_sweep(path: str | Path) -> Sweep:
         except ConfigError as e:
             raise ConfigError(f"sweep {path}, run {run.name}: {e}") from e
     return sweep
+
+
+def _exclusions(path: Path, rules, grid: dict) -> list[dict]:
+    """`exclude`: a list of {axis: value (or bundle name)} combinations the grid skips."""
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and r for r in rules):
+        raise ConfigError(f"sweep {path}: exclude must be a list of {{axis: value}} mappings")
+    for rule in rules:
+        for axis, value in rule.items():
+            values = list(grid.get(axis) or [])
+            if value not in values:
+                raise ConfigError(f"sweep {path}: exclude names {axis}={value!r}, which is not in the grid "
+                                  f"({axis}: {values if axis in grid else 'no such axis'})")
+    return rules
 
 
 def launch_commands(sweep: Sweep, extra: str = "") -> list[str]:
