@@ -50,9 +50,11 @@ def cmd_train(args) -> int:
 
         raise Preempted(f"stopped by SIGTERM after step {summary['preempted_at']}, its checkpoint saved in "
                         f"{cfg.train.out_dir}; continue with --resume")
-    print(f"done: {summary['steps']} steps, final loss {summary.get('final_loss', float('nan')):.4f}, "
-          f"eval loss {summary.get('final_eval_loss', float('nan')):.4f}, "
-          f"{summary.get('tokens_per_s', 0):,.0f} tokens/s -> {cfg.train.out_dir}")
+    trained = summary["steps"] - summary["start_step"]
+    throughput = f", {summary['tokens_per_s']:,.0f} tokens/s" if trained else ""
+    loss = f", final loss {summary['final_loss']:.4f}" if trained else ""
+    print(f"done: {summary['steps']} steps ({trained} in this launch){loss}, "
+          f"eval loss {summary.get('final_eval_loss', float('nan')):.4f}{throughput} -> {cfg.train.out_dir}")
     return 0
 
 

@@ -1,5 +1,7 @@
 """The training path end to end: smoke run, kill-and-resume equivalence, errors, metrics."""
 
+import contextlib
+import io
 import json
 import math
 import signal
@@ -35,7 +37,10 @@ def _losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    summary = train(_cfg(out))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = train(_cfg(out))
+    (out.parent / "ref_stdout.txt").write_text(printed.getvalue())
     return out, summary
 
 
@@ -49,6 +54,9 @@ def test_smoke_loss_falls_and_artifacts(reference_run):
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "tokenizer"):
         assert (out / name).exists(), name
     assert list((out / "tb").iterdir())
+    printed = (out.parent / "ref_stdout.txt").read_text().splitlines()  # what happens before step 1 is said
+    assert printed[0].startswith("k2jax: 1 x cpu") and "parameters" in printed[0] and "compiling" in printed[0]
+    assert printed[1].startswith("k2jax: train step compiled in")
 
 
 def test_metrics_fields(reference_run):
@@ -132,6 +140,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         state, _, _ = ckpt.restore(abstract_state(setup, fresh))
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert max(steps, default=0) < cfg.train.steps
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(reference_run, tmp_path, capsys):
+    import shutil
+
+    from k2jax.cli import main
+
+    out, summary = reference_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert main(["train", str(TINY), "--resume", "--set", f"train.out_dir={copy}", "--set", "train.progress=false",
+                 "--set", "train.log_every=1", "--set", "train.eval_every=10", "--set", "checkpoint.every=10"]) == 0
+    printed = capsys.readouterr().out
+    assert "the checkpoint is at step 20 of train.steps=20: nothing to train" in printed
+    assert "done: 20 steps (0 in this launch), eval loss" in printed and "nan" not in printed
+    assert _losses(copy) == _losses(out)  # no step was trained or logged again
 
 
 def test_cli_train_and_info(tmp_path):

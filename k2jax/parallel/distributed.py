@@ -63,6 +63,17 @@ def check_tensor_axis_within_processes(device_grid) -> None:
                               f"stay within one host (at most its {len(group) // len(processes)} local devices)")
 
 
+def wait_for_all(name: str, timeout_s: int = 1800) -> None:
+    """Block until every process reaches the barrier `name` (unique per use), through the coordination
+    service rather than a device collective: processes may arrive minutes apart (one compiled
+    slower), where the first CPU (Gloo) collective gives up after 30 s."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize started
+
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def from_process_local(batch: dict, sharding: NamedSharding) -> dict:
     """Global arrays from each process's own rows (B / processes, ...) -> (B, ...)."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

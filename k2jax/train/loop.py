@@ -28,7 +28,7 @@ from k2jax.parallel.sharding import batch_sharding
 from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag, finished_steps, saved_config, warn
 from k2jax.train.metrics import LoadMonitor, MetricsWriter, plot_run
-from k2jax.train.step import abstract_state, init_train_state, make_eval_step, make_train_step
+from k2jax.train.step import abstract_batch, abstract_state, init_train_state, make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -208,7 +208,18 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             warn(f"moved the unreadable checkpoint to {ckpt.set_aside(unreadable)}; delete it when done with it")
         train_iter.set_state(_own_iterator_state(data_state))
 
-    train_step = make_train_step(cfg, setup)
+    if primary:
+        counts = flops_lib.param_counts(cfg.model)
+        print(f"k2jax: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
+              f"{dict(setup.mesh.shape)}; {counts['total'] / 1e6:.2f}M parameters "
+              f"({counts['activated'] / 1e6:.2f}M activated); {_count(train_chunks)} train and "
+              f"{_count(heldout_chunks)} held-out sequences of {cfg.data.seq_len} tokens; "
+              f"{'resuming at step ' + str(int(state['step'])) if resume else 'starting'}; compiling", flush=True)
+    compile_start = time.perf_counter()
+    train_step = make_train_step(cfg, setup).lower(state, abstract_batch(cfg, setup.mesh)).compile()
+    distributed.wait_for_all("k2jax_train_step_compiled")
+    if primary:
+        print(f"k2jax: train step compiled in {time.perf_counter() - compile_start:.1f} s", flush=True)
     eval_step = make_eval_step(setup)
     flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
@@ -219,6 +230,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     start = int(state["step"])
     best_eval = math.inf
     summary: dict = {"start_step": start}
+    if start >= cfg.train.steps:  # e.g. killed after its last save, before summary.json
+        summary["final_eval_loss"] = best_eval = evaluate(eval_step, state, eval_set)
+        if primary:
+            print(f"k2jax: the checkpoint is at step {start} of train.steps={cfg.train.steps}: nothing to train "
+                  f"(raise train.steps to continue); held-out loss {best_eval:.4f}", flush=True)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and primary),
                dynamic_ncols=True)
     window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -305,6 +321,14 @@ def _close(bar, ckpt: Checkpointer, writer, preempted, *, quiet: bool) -> None:
             errors.append(e)
     if errors and not quiet:
         raise errors[0]
+
+
+def _count(chunks) -> str:
+    """'1,234' sequences, or '?' for a source that does not know its length."""
+    try:
+        return f"{len(chunks):,}"
+    except TypeError:
+        return "?"
 
 
 def _own_iterator_state(data_state: dict) -> dict:
