@@ -406,6 +406,20 @@ def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{where}'.{hint}")
 
 
+# Settings added after runs had been saved without them, with the value those runs trained with
+# (not today's default): a resume compares against these.
+LEGACY_VALUES = {("model", "router_balance"): "sign"}
+
+
+def with_legacy_values(saved: dict) -> dict:
+    """A saved config dict with each LEGACY_VALUES key it lacks filled in."""
+    saved = {section: dict(values) if isinstance(values, dict) else values for section, values in saved.items()}
+    for (section, key), value in LEGACY_VALUES.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, value)
+    return saved
+
+
 def from_dict(cls: type, raw: dict, path: str = ""):
     """Build dataclass `cls` from a nested dict, rejecting unknown or ill-typed keys."""
     hints = typing.get_type_hints(cls)

@@ -379,3 +379,19 @@ def test_ctrl_c_waits_for_the_save_in_flight_and_exits_130(tmp_path):
     err = stderr.strip().splitlines()
     assert proc.returncode == 130 and len(err) == 1 and "--resume" in err[0], stderr[-3000:]
     assert finished_steps(out / "checkpoints")  # step 5's save, in flight or done, was completed
+
+
+def test_resume_compares_a_setting_the_run_predates_with_the_value_it_trained_with(tmp_path, monkeypatch):
+    """Runs saved before model.router_balance existed trained with the sign rule: resuming them under
+    today's default (quantile) is a change of the model's routing, refused by name."""
+    from k2jax.config import to_dict
+    from k2jax.train import loop
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [f"train.out_dir={tmp_path}"])
+    saved = to_dict(cfg)
+    del saved["model"]["router_balance"]
+    monkeypatch.setattr(loop, "saved_config", lambda ckpt_dir: (10, saved))
+    with pytest.raises(ConfigError, match="model.router_balance 'sign' -> 'quantile'"):
+        loop._check_resumed_config(tmp_path / "checkpoints", cfg)
+    loop._check_resumed_config(tmp_path / "checkpoints", load_config(  # the rule it trained with: accepted
+        ROOT / "experiments" / "tiny.yaml", [f"train.out_dir={tmp_path}", "model.router_balance=sign"]))

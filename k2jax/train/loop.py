@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from k2jax.config import Config, ConfigError, from_dict, to_dict
+from k2jax.config import Config, ConfigError, from_dict, to_dict, with_legacy_values
 from k2jax.data import corpus as corpus_lib
 from k2jax.data import pipeline, prepared, tokenizer as tokenizer_lib
 from k2jax.parallel import distributed
@@ -125,7 +125,8 @@ def _check_resumed_config(ckpt_dir: Path, cfg: Config) -> None:
     """Refuse a resume whose config changes more than `_resumable` keys, before anything is restored."""
     step, saved = saved_config(ckpt_dir)
     try:
-        old = _flat(to_dict(from_dict(Config, saved)))  # keys added since the run started take their defaults
+        # keys added since the run started: the value it trained with where known, else today's default
+        old = _flat(to_dict(from_dict(Config, with_legacy_values(saved))))
     except ConfigError as e:
         raise CheckpointError(f"--resume: the config saved with step {step} does not load in this version of "
                               f"k2jax ({e})") from e
