@@ -71,8 +71,9 @@ def balance_histogram(scores, bias, vmask, k: int):
     """Quantile Balancing's statistic: (E, QB_BINS) counts of the bias each valid token needs to
     pick each expert, with the other experts' biases as they are: the k-th best biased score among
     the other experts minus the token's score for this one. That score is the (k+1)-th best
-    overall for an expert the token picked and the k-th best for one it did not (with the k-th
-    for all, as some implementations do, the solve needs several steps to settle; with this, one).
+    overall for an expert the token picked and the k-th best for one it did not (with the
+    (k+1)-th for all, as some implementations do, a fixed skewed router needs about four solves
+    to settle; with this, one). Group-limited routing (num_expert_groups > 1) is not modelled.
 
     scores (N, E) unbiased sigmoid scores, bias (E,), vmask (N,) float32.
     """
