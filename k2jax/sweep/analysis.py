@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from k2jax.train.metrics import read_metrics
+
 C0 = 1e12  # compute scale (FLOPs) that keeps the fit well conditioned
 ALPHA_BOUNDS = (1e-3, 3.0)
 
@@ -276,15 +278,18 @@ def _arm_name(value) -> str:
     return str(value)
 
 
-def _eval_curve(sweep_dir: Path, run: str) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
+def _records(sweep_dir: Path, run: str) -> list[dict]:
+    return read_metrics(sweep_dir / run / "metrics.jsonl")
+
+
+def _eval_curve(records: list[dict]) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
 
 
 def _curve_points(sweep_dir: Path, row: dict) -> list[tuple[float, float]]:
     """(FLOPs so far, held-out loss) along a run, from a quarter of its steps on."""
     flops_per_step = row["flops"] / row["steps"]
-    return [(step * flops_per_step, loss) for step, loss in _eval_curve(sweep_dir, row["run"])
+    return [(step * flops_per_step, loss) for step, loss in _eval_curve(_records(sweep_dir, row["run"]))
             if step >= row["steps"] / 4]
 
 
@@ -318,14 +323,13 @@ def _plot_curves(sweep_dir: Path, runs: list[str], path: Path, title: str):
     steps, one line per run."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
-    records = {run: [json.loads(line) for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines()]
-               for run in runs}
+    records = {run: _records(sweep_dir, run) for run in runs}
     has_load = any("expert_load_max_per_layer" in r for recs in records.values() for r in recs)
     fig = Figure(figsize=(16 if has_load else 11, 4))
     ax_loss, ax_logit, *ax_load = fig.subplots(1, 3 if has_load else 2)
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
-        evals = _eval_curve(sweep_dir, run)
+        evals = _eval_curve(records[run])
         ax_loss.plot([s for s, _ in evals], [v for _, v in evals], marker="o", ms=3, color=color, label=run)
         logits = [(r["step"], r["max_logit"]) for r in records[run] if "max_logit" in r]
         ax_logit.plot([s for s, _ in logits], [v for _, v in logits], color=color, label=run)

@@ -29,13 +29,13 @@ import json
 import shlex
 from pathlib import Path
 
-
 from k2jax.config import Config, ConfigError, load_config, read_yaml
 from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import finished_steps
 
 RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "attention_flops", "final_loss",
-                 "final_eval_loss", "best_eval_loss", "max_logit", "expert_load_max_mean", "wall_time_s", "steps", "diverged_at")
+                 "final_eval_loss", "best_eval_loss", "max_logit", "expert_load_max_mean", "wall_time_s", "steps",
+                 "diverged_at")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,12 +207,11 @@ def run_sweep(sweep: Sweep, log=print) -> Path:
         except TrainingDiverged as e:  # a result of the grid (e.g. a learning rate too high), not a failure
             summary = {"diverged_at": e.step, "steps": e.step, "final_eval_loss": None}
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            log(f"[{i}/{len(sweep.runs)}] {run.name}: diverged at step {e.step}, recorded")
-            write_results(sweep)
-            continue
         write_results(sweep)
         if "preempted_at" in summary:
             raise Preempted(f"sweep {sweep.name}: run {run.name} was preempted at step {summary['preempted_at']} "
                             f"(checkpoint saved); run the sweep again to resume it")
-        log(f"[{i}/{len(sweep.runs)}] {run.name}: eval loss {summary.get('final_eval_loss', float('nan')):.4f}")
+        outcome = (f"diverged at step {summary['diverged_at']}, recorded" if "diverged_at" in summary else
+                   f"eval loss {summary.get('final_eval_loss', float('nan')):.4f}")
+        log(f"[{i}/{len(sweep.runs)}] {run.name}: {outcome}")
     return write_results(sweep)

@@ -162,7 +162,7 @@ def _expert_load(counts: dict) -> dict:
     """Expert load statistics of a step; per-layer lists in model order."""
     if not counts:
         return {}
-    loads = np.concatenate([np.asarray(counts[k]).reshape(-1, np.asarray(counts[k]).shape[-1])
+    loads = np.concatenate([np.reshape(counts[k], (-1, np.shape(counts[k])[-1]))
                             for k in sorted(counts, key=_layer_order)])  # (MoE layers, E)
     mean = np.maximum(loads.mean(axis=-1), 1e-9)
     high, low = loads.max(axis=-1) / mean, loads.min(axis=-1) / mean
