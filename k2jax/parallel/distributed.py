@@ -64,9 +64,9 @@ def check_tensor_axis_within_processes(device_grid) -> None:
 
 
 def wait_for_all(name: str, timeout_s: int = 1800) -> None:
-    """Block until every process reaches the barrier `name` (unique per use), through the coordination
-    service rather than a device collective: processes may arrive minutes apart (one compiled
-    slower), where the first CPU (Gloo) collective gives up after 30 s."""
+    """Block until every process reaches the barrier `name`, through the coordination service rather
+    than a device collective: processes may arrive minutes apart (one compiled slower), where the
+    first CPU (Gloo) collective gives up after 30 s. A name may be waited on again once passed."""
     if jax.process_count() == 1:
         return
     from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize started

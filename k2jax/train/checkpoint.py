@@ -32,6 +32,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from k2jax.parallel import distributed
+
 # files every finished step has: one per item, and the step's own metadata
 _STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "data/metadata", "config/metadata")
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -117,8 +119,7 @@ class Checkpointer:
                     else:
                         path.unlink()
                     warn(f"removed {path}: {why}")
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("k2jax_checkpoint_clean")
+            distributed.wait_for_all("k2jax_checkpoint_clean")
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=keep),
             pp.BestN(get_metric_fn=_eval_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
@@ -195,8 +196,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             shutil.rmtree(dst, ignore_errors=True)
             src.rename(dst)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("k2jax_checkpoint_set_aside")
+        distributed.wait_for_all("k2jax_checkpoint_set_aside")
         self._manager.reload()
         return dst
 
