@@ -4,20 +4,29 @@
 multi-process job. A run directory holds config.yaml, the tokenizer,
 metrics.jsonl, tb/, checkpoints/ and, at the end, curves.png and summary.json;
 process 0 writes all but the checkpoints, which every process writes together.
+
+`train` runs named set-up phases (run directory, data, state and batches, run
+files, restore, compile), then `_Steps`, whose loop follows each train step with
+the hooks due at it (divergence check, record, evaluation, metrics, load monitor,
+progress bar, summary, checkpoint), then writes the results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import json
 import math
 import os
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 import yaml
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from k2jax.config import Config, ConfigError, from_dict, to_dict, with_legacy_values
@@ -181,122 +190,273 @@ def evaluate(eval_step, state, batches) -> float:
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
-    """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, max logit, wall time, ...)."""
+    """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, max logit, wall time, ...).
+
+    The set-up phases, in this order in every process, then the steps (`_Steps`), then the results."""
     started = time.perf_counter()
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
     if resume:
         _check_resumed_config(ckpt_dir, cfg)
     train_chunks, heldout_chunks, tok = _data(cfg, out, resume)
-    primary = distributed.is_primary()
-
     setup, state = init_train_state(cfg)
     distributed.check_tensor_axis_within_processes(setup.mesh.devices)
-    batch_sh = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
-    train_iter = pipeline.train_iterator(train_chunks, cfg.data.seq_len,
-                                         distributed.local_batch_size(cfg.train.batch_size), seed=cfg.data.seed)
-    eval_set = [distributed.from_replicated_host(b, batch_sh) for b in pipeline.fixed_batches(
-        heldout_chunks, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
-
-    if primary:  # the run is accepted: the first writes
-        out.mkdir(parents=True, exist_ok=True)
-        if not (resume and (out / "tokenizer").exists()):
-            tok.save(out / "tokenizer")
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    batches = _batches(cfg, setup, train_chunks, heldout_chunks)
+    if distributed.is_primary():  # the run is accepted: the first writes
+        _write_run_files(cfg, out, tok, resume)
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, clean=True)
     if resume:
-        state, data_state, _ = ckpt.restore(abstract_state(setup, state))
-        for unreadable in [s for s in ckpt.all_steps() if s > int(state["step"])]:
-            warn(f"moved the unreadable checkpoint to {ckpt.set_aside(unreadable)}; delete it when done with it")
-        train_iter.set_state(_own_iterator_state(data_state))
+        state = _restore(ckpt, setup, state, batches.train)
+    if distributed.is_primary():
+        _announce(cfg, setup, state, resume, train_chunks, heldout_chunks)
+    train_step = _compile(cfg, setup, state)
 
-    if primary:
-        counts = flops_lib.param_counts(cfg.model)
-        print(f"k2jax: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
-              f"{dict(setup.mesh.shape)}; {counts['total'] / 1e6:.2f}M parameters "
-              f"({counts['activated'] / 1e6:.2f}M activated); {_count(train_chunks)} train and "
-              f"{_count(heldout_chunks)} held-out sequences of {cfg.data.seq_len} tokens; "
-              f"{'resuming at step ' + str(int(state['step'])) if resume else 'starting'}; compiling", flush=True)
+    summary = _Steps(cfg, out, ckpt, batches, train_step, make_eval_step(setup), state).run()
+    summary["wall_time_s"] = time.perf_counter() - started  # this invocation only, when resumed
+    if distributed.is_primary():
+        _write_results(cfg, out, summary)
+    return summary
+
+
+class _Batches(NamedTuple):
+    """A run's data, as the steps take it."""
+
+    sharding: NamedSharding  # of a global (train.batch_size, data.seq_len) batch
+    train: Any  # this process's endless train-batch iterator (grain: get_state, set_state)
+    held_out: list  # the fixed held-out batches, on device
+
+
+def _batches(cfg: Config, setup, train_chunks, heldout_chunks) -> _Batches:
+    """The batch layout over the mesh, the train iterator and the held-out batches on device."""
+    sharding = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
+    train_iter = pipeline.train_iterator(train_chunks, cfg.data.seq_len,
+                                         distributed.local_batch_size(cfg.train.batch_size), seed=cfg.data.seed)
+    held_out = [distributed.from_replicated_host(b, sharding) for b in pipeline.fixed_batches(
+        heldout_chunks, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
+    return _Batches(sharding, train_iter, held_out)
+
+
+def _write_run_files(cfg: Config, out: Path, tok, resume: bool) -> None:
+    """Process 0's first writes: the run directory, its tokenizer (kept when resuming) and config.yaml."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (resume and (out / "tokenizer").exists()):
+        tok.save(out / "tokenizer")
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _restore(ckpt: Checkpointer, setup, state: dict, train_iter) -> dict:
+    """The newest readable checkpoint's state, with the data iterator moved to where it was; newer, unreadable
+    checkpoints are set aside."""
+    state, data_state, _ = ckpt.restore(abstract_state(setup, state))
+    for unreadable in [s for s in ckpt.all_steps() if s > int(state["step"])]:
+        warn(f"moved the unreadable checkpoint to {ckpt.set_aside(unreadable)}; delete it when done with it")
+    train_iter.set_state(_own_iterator_state(data_state))
+    return state
+
+
+def _announce(cfg: Config, setup, state: dict, resume: bool, train_chunks, heldout_chunks) -> None:
+    counts = flops_lib.param_counts(cfg.model)
+    print(f"k2jax: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
+          f"{dict(setup.mesh.shape)}; {counts['total'] / 1e6:.2f}M parameters "
+          f"({counts['activated'] / 1e6:.2f}M activated); {_count(train_chunks)} train and "
+          f"{_count(heldout_chunks)} held-out sequences of {cfg.data.seq_len} tokens; "
+          f"{'resuming at step ' + str(int(state['step'])) if resume else 'starting'}; compiling", flush=True)
+
+
+def _compile(cfg: Config, setup, state: dict):
+    """The compiled train step, once every process has compiled it."""
     compile_start = time.perf_counter()
     train_step = make_train_step(cfg, setup).lower(state, abstract_batch(cfg, setup.mesh)).compile()
     distributed.wait_for_all("k2jax_train_step_compiled")
-    if primary:
+    if distributed.is_primary():
         print(f"k2jax: train step compiled in {time.perf_counter() - compile_start:.1f} s", flush=True)
-    eval_step = make_eval_step(setup)
-    flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"]
-    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
-    writer = MetricsWriter(out) if primary else None
-    loads = LoadMonitor(cfg.train.steps)
-    preempted = PreemptionFlag()
+    return train_step
 
-    start = int(state["step"])
-    best_eval = math.inf
-    summary: dict = {"start_step": start}
-    if start >= cfg.train.steps:  # e.g. killed after its last save, before summary.json
-        summary["final_eval_loss"] = best_eval = evaluate(eval_step, state, eval_set)
-        if primary:
-            print(f"k2jax: the checkpoint is at step {start} of train.steps={cfg.train.steps}: nothing to train "
-                  f"(raise train.steps to continue); held-out loss {best_eval:.4f}", flush=True)
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.train.progress and primary),
-               dynamic_ncols=True)
-    window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
-    last_loss = math.nan
-    try:
-        for step in range(start + 1, cfg.train.steps + 1):
-            batch = distributed.from_process_local(next(train_iter), batch_sh)
-            state, metrics = train_step(state, batch)
-            ckpt.check()
-            window_tokens += batch["inputs"].size
-            window_steps += 1
-            stop = preempted.reached(step - start)  # JAX counts sync steps from each launch
-            is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-            is_save = step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop
-            if step % cfg.train.log_every == 0 or is_eval or is_save:
-                host = _host(metrics)
-                last_loss = host["loss"]
-                if not (math.isfinite(last_loss) and host["params_finite"]):
-                    raise _diverged(step, last_loss, ckpt)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                step_time = elapsed / max(window_steps, 1)
-                window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
-                record = _log_record(host, tokens_per_s, flops_per_token, peak)
-                record["step_time"] = step_time
-                if is_eval:
-                    record["eval_loss"] = evaluate(eval_step, state, eval_set)
-                    best_eval = min(best_eval, record["eval_loss"])
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
-                if writer:
-                    writer.write(step, record)
-                for warning in loads.update(step, record.get("expert_load_max_per_layer", [])):
-                    if primary:
-                        tqdm.write(warning)
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                                max_logit=f"{record['max_logit']:.1f}", refresh=False)
-                summary.update(final_loss=last_loss, tokens_per_s=tokens_per_s,
-                               max_logit=max(summary.get("max_logit", -math.inf), record["max_logit"]))
-                if "eval_loss" in record:
-                    summary["final_eval_loss"] = record["eval_loss"]
-                if is_save:
-                    data_states = distributed.allgather_json(train_iter.get_state())
-                    ckpt.save(step, state, {"processes": data_states}, to_dict(cfg),
-                              metrics={"eval_loss": record.get("eval_loss", math.inf)})
-            bar.update(1)
-            if stop:
-                summary["preempted_at"] = step
-                break
-    except BaseException:
-        _close(bar, ckpt, writer, preempted, quiet=True)  # the first error is the one to report
-        raise
-    _close(bar, ckpt, writer, preempted, quiet=False)
 
-    summary.update(steps=int(state["step"]), best_eval_loss=best_eval, expert_load_max_mean=loads.settled(),
-                   wall_time_s=time.perf_counter() - started)  # this invocation only, when resumed
-    if not primary:
-        return summary
+class _Steps:
+    """The train steps of one launch. After each step the hooks due at it (`_due`) run in `hooks` order;
+    a new per-step concern is a method and an entry there."""
+
+    def __init__(self, cfg: Config, out: Path, ckpt: Checkpointer, batches: _Batches, train_step, eval_step,
+                 state: dict):
+        self.cfg, self.ckpt, self.batches, self.state = cfg, ckpt, batches, state
+        self.train_step, self.eval_step = train_step, eval_step
+        self.primary = distributed.is_primary()
+        self.flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+        self.peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+        self.writer = MetricsWriter(out) if self.primary else None
+        self.loads = LoadMonitor(cfg.train.steps)
+        self.preempted = PreemptionFlag()
+        self.start = int(state["step"])
+        self.best_eval = math.inf
+        self.summary: dict = {"start_step": self.start}
+        if self.start >= cfg.train.steps:  # e.g. killed after its last save, before summary.json
+            self._nothing_to_train()
+        self.bar = tqdm(total=cfg.train.steps, initial=self.start,
+                        disable=not (cfg.train.progress and self.primary), dynamic_ncols=True)
+        self.throughput = _Throughput()
+        self.hooks: list[tuple[str, Callable[[_StepInfo], None]]] = [  # (when: a key of `_due`, what)
+            ("log", self._check_finite),
+            ("log", self._record),
+            ("eval", self._evaluate),
+            ("log", self._write),
+            ("log", self._watch_loads),
+            ("log", self._show_progress),
+            ("log", self._summarize),
+            ("save", self._save),
+        ]
+
+    def run(self) -> dict:
+        """Train to train.steps, or until preempted; the summary, but for its wall time."""
+        try:
+            for step in range(self.start + 1, self.cfg.train.steps + 1):
+                stop = self._step(step)
+                self.bar.update(1)
+                if stop:
+                    self.summary["preempted_at"] = step
+                    break
+        except BaseException:
+            self._close(quiet=True)  # the first error is the one to report
+            raise
+        self._close(quiet=False)
+        self.summary.update(steps=int(self.state["step"]), best_eval_loss=self.best_eval,
+                            expert_load_max_mean=self.loads.settled())
+        return self.summary
+
+    def _step(self, step: int) -> bool:
+        """Train step `step`, then its due hooks; whether to stop (preempted, saved) after it."""
+        batch = distributed.from_process_local(next(self.batches.train), self.batches.sharding)
+        self.state, metrics = self.train_step(self.state, batch)
+        self.ckpt.check()
+        self.throughput.count(batch["inputs"].size)
+        stop = self.preempted.reached(step - self.start)  # JAX counts sync steps from each launch
+        info = _StepInfo(step, self.state, metrics)
+        due = _due(self.cfg, step, stop)
+        for when, hook in self.hooks:
+            if when in due:
+                hook(info)
+        return stop
+
+    def _nothing_to_train(self) -> None:
+        self.summary["final_eval_loss"] = self.best_eval = evaluate(self.eval_step, self.state,
+                                                                    self.batches.held_out)
+        if self.primary:
+            print(f"k2jax: the checkpoint is at step {self.start} of train.steps={self.cfg.train.steps}: nothing "
+                  f"to train (raise train.steps to continue); held-out loss {self.best_eval:.4f}", flush=True)
+
+    def _check_finite(self, info: _StepInfo) -> None:
+        """Raise TrainingDiverged at a non-finite loss or weights."""
+        if not (math.isfinite(info.host["loss"]) and info.host["params_finite"]):
+            raise _diverged(info.step, info.host["loss"], self.ckpt)
+
+    def _record(self, info: _StepInfo) -> None:
+        """The step's metrics, the throughput since the last record and MFU, into the record."""
+        tokens_per_s, step_time = self.throughput.measure()
+        info.record.update(_log_record(info.host, tokens_per_s, self.flops_per_token, self.peak),
+                           step_time=step_time)
+
+    def _evaluate(self, info: _StepInfo) -> None:
+        """The held-out loss, into the record."""
+        info.record["eval_loss"] = evaluate(self.eval_step, info.state, self.batches.held_out)
+        self.best_eval = min(self.best_eval, info.record["eval_loss"])
+        self.throughput.restart()  # evaluation time is not training throughput
+
+    def _write(self, info: _StepInfo) -> None:
+        """The record, to metrics.jsonl and TensorBoard (process 0)."""
+        if self.writer:
+            self.writer.write(info.step, info.record)
+
+    def _watch_loads(self, info: _StepInfo) -> None:
+        """Warn when an MoE layer keeps sending one expert far more than the mean load."""
+        for warning in self.loads.update(info.step, info.record.get("expert_load_max_per_layer", [])):
+            if self.primary:
+                tqdm.write(warning)
+
+    def _show_progress(self, info: _StepInfo) -> None:
+        record = info.record
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                             max_logit=f"{record['max_logit']:.1f}", refresh=False)
+
+    def _summarize(self, info: _StepInfo) -> None:
+        record = info.record
+        self.summary.update(final_loss=record["loss"], tokens_per_s=record["tokens_per_s"],
+                            max_logit=max(self.summary.get("max_logit", -math.inf), record["max_logit"]))
+        if "eval_loss" in record:
+            self.summary["final_eval_loss"] = record["eval_loss"]
+
+    def _save(self, info: _StepInfo) -> None:
+        """A checkpoint, written by every process, with each one's data-iterator state."""
+        data_states = distributed.allgather_json(self.batches.train.get_state())
+        self.ckpt.save(info.step, info.state, {"processes": data_states}, to_dict(self.cfg),
+                       metrics={"eval_loss": info.record.get("eval_loss", math.inf)})
+
+    def _close(self, *, quiet: bool) -> None:
+        """Finish the save in flight and close everything; raise the first failure unless `quiet`."""
+        errors = []
+        for close in (self.bar.close, self.ckpt.wait, self.ckpt.close, self.writer.close if self.writer else None,
+                      self.preempted.close):
+            try:
+                if close is not None:
+                    close()
+            except Exception as e:
+                errors.append(e)
+        if errors and not quiet:
+            raise errors[0]
+
+
+@dataclasses.dataclass
+class _StepInfo:
+    """A finished train step, as the hooks see it."""
+
+    step: int
+    state: dict
+    metrics: dict  # on device
+    record: dict = dataclasses.field(default_factory=dict)  # its metrics.jsonl row, built by the hooks
+
+    @functools.cached_property
+    def host(self) -> dict:
+        """The metrics as Python values, copied from the device on first use."""
+        return _host(self.metrics)
+
+
+def _due(cfg: Config, step: int, stop: bool) -> set[str]:
+    """The hooks to run after `step`: "eval" and "save" at their cadence and at the last step ("save" also when
+    stopping); "log" at train.log_every and whenever either of them runs."""
+    due = set()
+    if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        due.add("eval")
+    if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
+        due.add("save")
+    if step % cfg.train.log_every == 0 or due:
+        due.add("log")
+    return due
+
+
+class _Throughput:
+    """Tokens per second and seconds per step over a window of steps."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.tokens, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def measure(self) -> tuple[float, float]:
+        """(tokens/s, s/step) over the window, which restarts."""
+        elapsed = time.perf_counter() - self.start
+        rates = self.tokens / max(elapsed, 1e-9), elapsed / max(self.steps, 1)
+        self.restart()
+        return rates
+
+
+def _write_results(cfg: Config, out: Path, summary: dict) -> None:
+    """Process 0's last writes: curves.png and summary.json."""
     plot_run(out / "metrics.jsonl", out / "curves.png",
              tau=cfg.optim.qk_clip_tau if cfg.optim.name == "muonclip" else None)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def _diverged(step: int, loss: float, ckpt: Checkpointer) -> TrainingDiverged:
@@ -309,19 +469,6 @@ def _diverged(step: int, loss: float, ckpt: Checkpointer) -> TrainingDiverged:
                              + (" and continue with --resume" if last is not None else ""))
     error.step = step
     return error
-
-
-def _close(bar, ckpt: Checkpointer, writer, preempted, *, quiet: bool) -> None:
-    """Finish the save in flight and close everything; raise the first failure unless `quiet`."""
-    errors = []
-    for close in (bar.close, ckpt.wait, ckpt.close, writer.close if writer else None, preempted.close):
-        try:
-            if close is not None:
-                close()
-        except Exception as e:
-            errors.append(e)
-    if errors and not quiet:
-        raise errors[0]
 
 
 def _count(chunks) -> str:
