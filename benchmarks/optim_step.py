@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from k2jax.config import OptimConfig
 from k2jax.model.count import abstract_model
 from k2jax.model.presets import get_preset, k2_family
 from k2jax.optim import muonclip
@@ -66,7 +67,7 @@ def main():
         "muon": muonclip(1e-3, infos, clip=False),
         "optax.contrib.muon": optax.contrib.muon(1e-3, muon_weight_dimension_numbers=dims, consistent_rms=0.2,
                                                  weight_decay=0.1, adam_weight_decay=0.1, adam_b2=0.95),
-        "adamw": muon_or_adamw(1e-3, infos, use_muon=False),
+        "adamw": muon_or_adamw(1e-3, infos, OptimConfig(), use_muon=False),
     }
     steps = {}
     for name, tx in txs.items():

@@ -10,6 +10,7 @@ import pytest
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from param_trees import k2_tree
 
+from k2jax.config import OptimConfig
 from k2jax.optim.muon import muon_or_adamw
 from k2jax.params import ParamInfo
 
@@ -40,7 +41,7 @@ def _one_muon_step(grad_seed):
     """Updates of one momentum-free Muon step at learning rate 1 (no decay), and the gradients."""
     params, infos = k2_tree()
     grads, _ = k2_tree(grad_seed)
-    tx = muon_or_adamw(1.0, infos, weight_decay=0.0, momentum=0.0, nesterov=False, rms_scale=0.2)
+    tx = muon_or_adamw(1.0, infos, OptimConfig(weight_decay=0.0, momentum=0.0, nesterov=False, rms_scale=0.2))
     return tx.update(grads, tx.init(params), params)[0], grads
 
 
@@ -96,7 +97,7 @@ def test_bfloat16_newton_schulz_runs_in_bfloat16_and_stays_close():
     grads, _ = k2_tree(3)
 
     def muon(ns_dtype):
-        return muon_or_adamw(1.0, infos, weight_decay=0.0, momentum=0.0, nesterov=False, ns_dtype=ns_dtype)
+        return muon_or_adamw(1.0, infos, OptimConfig(weight_decay=0.0, momentum=0.0, nesterov=False, ns_dtype=ns_dtype))
 
     tx16, tx32 = muon("bfloat16"), muon("float32")
     u16 = tx16.update(grads, tx16.init(params), params)[0]
@@ -117,8 +118,8 @@ def test_bfloat16_newton_schulz_runs_in_bfloat16_and_stays_close():
 
 def test_agrees_with_optax_contrib_muon():
     params, infos = k2_tree()
-    hyper = dict(weight_decay=0.1, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8)
-    ours = muon_or_adamw(0.01, infos, momentum=0.95, nesterov=True, rms_scale=0.2, **hyper)
+    ours = muon_or_adamw(0.01, infos, OptimConfig(momentum=0.95, nesterov=True, rms_scale=0.2, weight_decay=0.1,
+                                                  adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8))
     dims = {"experts": MuonDimensionNumbers((1,), (2,)), "layers_w": MuonDimensionNumbers((1,), (2,)),
             "embed": None, "norm": None}
     # optax's AdamW branch shares Muon's nesterov flag and one weight decay; compare the matrices only

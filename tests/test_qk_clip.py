@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from param_trees import make_info
 
-from k2jax.config import ModelConfig
+from k2jax.config import ModelConfig, OptimConfig
 from k2jax.model.attention import Attention
 from k2jax.model.presets import get_preset
 from k2jax.model.rope import rope_tables
@@ -158,7 +158,7 @@ def test_qk_clip_with_scanned_layers_and_real_update():
 def test_qk_clip_rejects_missing_or_misshaped_stats():
     infos = {"wq": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("q", 4),), stats_key="attn")}
     params = {"wq": jnp.ones((8, 3, 4))}
-    tx = qk_clip(infos, tau=1.0)
+    tx = qk_clip(infos, tau=1.0, alpha=0.5)
     state = tx.init(params)
     with pytest.raises(ValueError, match="attn_max_logits"):
         tx.update(params, state, params)
@@ -173,7 +173,7 @@ def test_muonclip_never_touches_momentum_and_jits():
              "wk": make_info(("embed", "heads", "head_dim"), ("embed",), qk=(("k", 4),), stats_key="a")}
     params = {n: jax.random.normal(jax.random.key(i), (8, 2, 4)) for i, n in enumerate(infos)}
     grads = jax.tree.map(jnp.ones_like, params)
-    clipped, plain = muonclip(1e-2, infos, tau=1.0), muonclip(1e-2, infos, clip=False)
+    clipped, plain = muonclip(1e-2, infos, OptimConfig(qk_clip_tau=1.0)), muonclip(1e-2, infos, clip=False)
     hot = {"a": jnp.asarray([50.0, 0.5])}
     step = lambda tx: jax.jit(lambda s: tx.update(grads, s, params, attn_max_logits=hot))  # noqa: E731
     (_, s1), (_, s2) = step(clipped)(clipped.init(params)), step(plain)(plain.init(params))

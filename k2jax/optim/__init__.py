@@ -1,6 +1,6 @@
 """MuonClip and friends as optax transformations driven by parameter metadata.
 
-    tx = muonclip(learning_rate, param_info(state))          # any optax code
+    tx = muonclip(learning_rate, param_info(state))          # any optax code; OptimConfig's hyper-parameters
     updates, opt_state = tx.update(grads, opt_state, params, attn_max_logits=stats["max_logits"])
 
 `make_optimizer(OptimConfig, infos, total_steps)` builds "muonclip", "muon" or
@@ -23,17 +23,13 @@ from k2jax.params import is_info
 __all__ = ["muonclip", "make_optimizer", "make_schedule", "qk_clip", "qk_clip_metrics", "describe"]
 
 
-def muonclip(learning_rate, param_infos, *, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
-             ns_coeffs=(3.4445, -4.7750, 2.0315), ns_dtype="float32", rms_scale=0.2, adam_learning_rate=None,
-             adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, tau=100.0, alpha=0.5,
-             clip=True, owner_mesh=None) -> optax.GradientTransformationExtraArgs:
-    """Muon (matrices) + AdamW (the rest), then QK-Clip on query/key projections (if clip).
-    owner_mesh: orthogonalise each matrix once, on its owner device of this mesh (`owner.py`)."""
-    base = muon_or_adamw(learning_rate, param_infos, weight_decay=weight_decay, momentum=momentum,
-                         nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_dtype=ns_dtype,
-                         rms_scale=rms_scale, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
-                         adam_b2=adam_b2, adam_eps=adam_eps, owner_mesh=owner_mesh)
-    parts = [base, qk_clip(param_infos, tau, alpha)] if clip else [base]
+def muonclip(learning_rate, param_infos, cfg: OptimConfig = OptimConfig(), *, adam_learning_rate=None, clip=True,
+             owner_mesh=None) -> optax.GradientTransformationExtraArgs:
+    """Muon (matrices) + AdamW (the rest), then QK-Clip on query/key projections (if clip), with
+    cfg's hyper-parameters; learning rates and owner_mesh as in `muon_or_adamw`."""
+    base = muon_or_adamw(learning_rate, param_infos, cfg, adam_learning_rate=adam_learning_rate,
+                         owner_mesh=owner_mesh)
+    parts = [base, qk_clip(param_infos, cfg.qk_clip_tau, cfg.qk_clip_alpha)] if clip else [base]
     return optax.chain(*parts)
 
 
@@ -42,16 +38,12 @@ def make_optimizer(cfg: OptimConfig, param_infos, total_steps: int, mesh=None) -
     several devices, optim.muon_sharding "owner" gives every Muon matrix one owner device."""
     lr = make_schedule(cfg, total_steps)
     adam_lr = None if cfg.adam_learning_rate is None else make_schedule(cfg, total_steps, cfg.adam_learning_rate)
-    common = dict(weight_decay=cfg.weight_decay, adam_learning_rate=adam_lr, adam_b1=cfg.adam_b1,
-                  adam_b2=cfg.adam_b2, adam_eps=cfg.adam_eps)
     if cfg.name == "adamw":
-        tx = muon_or_adamw(lr, param_infos, use_muon=False, **common)
+        tx = muon_or_adamw(lr, param_infos, cfg, use_muon=False, adam_learning_rate=adam_lr)
     else:
-        tx = muonclip(lr, param_infos, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
-                      ns_coeffs=cfg.ns_coeffs, ns_dtype=cfg.ns_dtype, rms_scale=cfg.rms_scale,
-                      tau=cfg.qk_clip_tau, alpha=cfg.qk_clip_alpha, clip=cfg.name == "muonclip",
-                      owner_mesh=mesh if cfg.muon_sharding == "owner" and mesh is not None and mesh.size > 1 else None,
-                      **common)
+        owner = cfg.muon_sharding == "owner" and mesh is not None and mesh.size > 1
+        tx = muonclip(lr, param_infos, cfg, adam_learning_rate=adam_lr, clip=cfg.name == "muonclip",
+                      owner_mesh=mesh if owner else None)
     if cfg.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     return optax.with_extra_args_support(tx)

@@ -20,6 +20,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
+from k2jax.config import OptimConfig
 from k2jax.optim.owner import is_masked, matrix_flops, owner_newton_schulz_tree
 from k2jax.params import ParamInfo, is_info
 
@@ -46,7 +47,7 @@ def matrix_shape(info: ParamInfo, shape) -> tuple[int, int]:
     return (math.prod(shape[i] for i in info.reduction_axes), math.prod(shape[i] for i in info.output_axes))
 
 
-def newton_schulz_flops(infos, shapes, steps: int = 5, use_muon: bool = True) -> float:
+def newton_schulz_flops(infos, shapes, steps: int = OptimConfig.ns_steps, use_muon: bool = True) -> float:
     """FLOPs of the Newton-Schulz iterations in one Muon update, summed over every Muon matrix.
 
     infos: ParamInfo tree; shapes: a matching tree of arrays or ShapeDtypeStructs; use_muon
@@ -107,12 +108,12 @@ def scale_by_muon_with(orthogonalise, **muon_kwargs) -> optax.GradientTransforma
     return optax.GradientTransformation(muon.init, update_fn)
 
 
-def muon_or_adamw(learning_rate, infos, *, use_muon=True, weight_decay=0.1, momentum=0.95, nesterov=True,
-                  ns_steps=5, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_dtype="float32", rms_scale=0.2,
-                  adam_learning_rate=None, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8,
+def muon_or_adamw(learning_rate, infos, cfg: OptimConfig, use_muon=True, *, adam_learning_rate=None,
                   owner_mesh=None) -> optax.GradientTransformation:
-    """optax.partition of Muon (matrices) and AdamW (everything else, or everything if not use_muon).
-    ns_dtype: "float32" (optax's iterations) or "bfloat16" (optax's momentum and normalisation,
+    """optax.partition of Muon (matrices) and AdamW (everything else, or everything if not use_muon),
+    with cfg's hyper-parameters. learning_rate, adam_learning_rate: numbers or schedules (None:
+    learning_rate); cfg's rate and schedule fields are make_optimizer's, not read here.
+    cfg.ns_dtype: "float32" (optax's iterations) or "bfloat16" (optax's momentum and normalisation,
     then the iterations in bfloat16). owner_mesh: a mesh of several devices on which each matrix
     is orthogonalised once, by its owner device (`owner.py`); None: optax's path as is (one
     device, or GSPMD partitioning it)."""
@@ -123,23 +124,25 @@ def muon_or_adamw(learning_rate, infos, *, use_muon=True, weight_decay=0.1, mome
         return jax.tree.map(lambda u, i: u if isinstance(u, optax.MaskedNode) else dimension_numbers(i),
                             updates, infos, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
-    adam = lambda wd: optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd)  # noqa: E731
-    transforms = {ADAMW: adam(weight_decay), ADAMW_NO_DECAY: adam(0.0)}
+    def adam(wd):
+        return optax.adamw(adam_lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=wd)
+
+    transforms = {ADAMW: adam(cfg.weight_decay), ADAMW_NO_DECAY: adam(0.0)}
     if use_muon:
-        muon_kwargs = dict(ns_coeffs=ns_coeffs, beta=momentum, nesterov=nesterov,
+        muon_kwargs = dict(ns_coeffs=cfg.ns_coeffs, beta=cfg.momentum, nesterov=cfg.nesterov,
                            weight_dimension_numbers=masked_dim_nums)
-        dtype = jnp.dtype(ns_dtype)
+        dtype = jnp.dtype(cfg.ns_dtype)
         if owner_mesh is not None:
-            muon = scale_by_muon_with(owner_newton_schulz_tree(infos, owner_mesh, ns_coeffs, ns_steps, dtype),
-                                      **muon_kwargs)
+            muon = scale_by_muon_with(
+                owner_newton_schulz_tree(infos, owner_mesh, cfg.ns_coeffs, cfg.ns_steps, dtype), **muon_kwargs)
         elif dtype == jnp.float32:  # optax's own iterations
-            muon = scale_by_muon(ns_steps=ns_steps, **muon_kwargs)
+            muon = scale_by_muon(ns_steps=cfg.ns_steps, **muon_kwargs)
         else:
-            muon = scale_by_muon_with(newton_schulz_tree(infos, ns_coeffs, ns_steps, dtype), **muon_kwargs)
+            muon = scale_by_muon_with(newton_schulz_tree(infos, cfg.ns_coeffs, cfg.ns_steps, dtype), **muon_kwargs)
         transforms[MUON] = optax.chain(
             muon,
-            scale_by_rms_match(infos, rms_scale),
-            optax.add_decayed_weights(weight_decay),
+            scale_by_rms_match(infos, cfg.rms_scale),
+            optax.add_decayed_weights(cfg.weight_decay),
             optax.scale_by_learning_rate(learning_rate),
         )
     present = set(jax.tree.leaves(label_tree))

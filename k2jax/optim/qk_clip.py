@@ -87,8 +87,9 @@ def _gamma_for(path, info: ParamInfo, shape, stats, tau):
     return gamma.reshape(bshape)
 
 
-def qk_clip(param_infos, tau: float = 100.0, alpha: float = 0.5) -> optax.GradientTransformationExtraArgs:
-    """The QK-Clip transformation over a parameter tree described by `param_infos`."""
+def qk_clip(param_infos, tau: float, alpha: float) -> optax.GradientTransformationExtraArgs:
+    """The QK-Clip transformation over a parameter tree described by `param_infos` (defaults of
+    tau and alpha: OptimConfig.qk_clip_tau and qk_clip_alpha)."""
     def init_fn(params):
         del params
         return QKClipState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32))
