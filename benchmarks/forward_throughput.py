@@ -11,19 +11,17 @@ same machine load, and prints tokens/s for each and its step time over the first
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.model.presets import get_preset
+from k2jax.config import ExecutionConfig, get_preset, replace
 from k2jax.model.transformer import Transformer
 
 
-def _forward_fn(cfg):
-    model = Transformer(cfg, nnx.Rngs(0))
+def _forward_fn(cfg, execution):
+    model = Transformer(cfg, nnx.Rngs(0), execution)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -45,10 +43,10 @@ def main():
 
     base = get_preset(args.preset)
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, base.vocab_size)
-    paths = {"ragged_dot": dict(moe_dispatch="ragged", grouped_matmul="ragged_dot"),
-             "tiled": dict(moe_dispatch="ragged", grouped_matmul="tiled"),
-             "capacity": dict(moe_dispatch="capacity")}
-    variants = {name: _forward_fn(dataclasses.replace(base, **fields)) for name, fields in paths.items()}
+    capacity = replace(base, {"moe.dispatch": "capacity"})
+    variants = {"ragged_dot": _forward_fn(base, ExecutionConfig(grouped_matmul="ragged_dot")),
+                "tiled": _forward_fn(base, ExecutionConfig(grouped_matmul="tiled")),
+                "capacity": _forward_fn(capacity, ExecutionConfig())}
     for fn in variants.values():
         jax.block_until_ready(fn(tokens))  # compile + warm up
     times = {name: [] for name in variants}

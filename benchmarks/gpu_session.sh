@@ -45,12 +45,12 @@ case "${1:-}" in
     ;;
   kernels)
     run compare_attention "${K2JAX[@]}" bench "$BENCH" --set optim.name=adamw --steps 3 --warmup 1 \
-        --compare model.attention_impl=flash,plain
+        --compare execution.attention_impl=flash,plain
     run compare_grouped "${K2JAX[@]}" bench "$BENCH" --set optim.name=adamw --steps 3 --warmup 1 \
-        --compare model.grouped_matmul=ragged_dot,tiled
+        --compare execution.grouped_matmul=ragged_dot,tiled
     # JAX's own Pallas-Triton lowering of ragged_dot (off by default): compare its step time with the line above
     JAX_RAGGED_DOT_USE_GPU_PALLAS_TRITON_LOWERING=1 run ragged_dot_triton "${K2JAX[@]}" bench "$BENCH" \
-        --set optim.name=adamw --steps 3 --warmup 1 --compare model.grouped_matmul=ragged_dot
+        --set optim.name=adamw --steps 3 --warmup 1 --compare execution.grouped_matmul=ragged_dot
     ;;
   ns)
     run compare_ns_dtype "${K2JAX[@]}" bench "$BENCH" --steps 3 --warmup 1 --compare optim.ns_dtype=float32,bfloat16

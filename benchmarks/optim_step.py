@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from k2jax.config import OptimConfig
+from k2jax.config import OptimConfig, get_preset, k2_family
 from k2jax.model.count import abstract_model
-from k2jax.model.presets import get_preset, k2_family
 from k2jax.optim import muonclip
 from k2jax.optim.muon import dimension_numbers, muon_or_adamw
 from k2jax.params import is_info, param_info
@@ -29,9 +28,10 @@ from k2jax.params import is_info, param_info
 
 def _tree(preset: str, d_model: int | None):
     cfg = get_preset(preset)
+    moe = cfg.moe
     if d_model:  # the same K2 family shape at another width
-        cfg = k2_family(d_model=d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                        sparsity=cfg.num_experts // cfg.experts_per_token, experts_per_token=cfg.experts_per_token,
+        cfg = k2_family(d_model=d_model, num_layers=cfg.num_layers, num_heads=cfg.attention.num_heads,
+                        sparsity=moe.num_experts // moe.experts_per_token, experts_per_token=moe.experts_per_token,
                         vocab_size=cfg.vocab_size)
     state = nnx.state(abstract_model(cfg), nnx.Param)
     infos = param_info(state)

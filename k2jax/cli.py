@@ -73,15 +73,15 @@ def cmd_info(args) -> int:
     from k2jax.optim.muon import newton_schulz_flops
     from k2jax.parallel.sharding import abstract_mesh, param_shardings
     from k2jax.params import param_info
-    from k2jax.train.flops import flops_per_token
+    from k2jax.model.flops import flops_per_token
 
     cfg = _load(args.config, args.set)
     mesh = abstract_mesh(cfg.mesh, args.devices)
     counts = count_params(cfg.model)
     m = cfg.model
-    print(f"attention {m.attention}: {m.num_heads} heads, d_model {m.d_model}, {m.num_layers} layers "
-          f"({m.num_dense_layers} dense); experts {m.num_experts} (top-{m.experts_per_token}, "
-          f"{m.num_shared_experts} shared, sparsity {m.num_experts / max(m.experts_per_token, 1):g})")
+    print(f"attention {m.attention.kind}: {m.attention.num_heads} heads, d_model {m.d_model}, {m.num_layers} layers "
+          f"({m.num_dense_layers} dense); experts {m.moe.num_experts} (top-{m.moe.experts_per_token}, "
+          f"{m.moe.num_shared_experts} shared, sparsity {m.moe.num_experts / max(m.moe.experts_per_token, 1):g})")
     print(f"total parameters:     {_human(counts['total'])} ({counts['total']:,})")
     print(f"activated per token:  {_human(counts['activated'])} ({counts['activated']:,})")
     print(f"embedding + head:     {_human(counts['embedding'])}")
@@ -89,7 +89,7 @@ def cmd_info(args) -> int:
     infos = param_info(state)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     step_flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"] * tokens
-    ns = newton_schulz_flops(infos, nnx.to_pure_dict(state))
+    ns = newton_schulz_flops(infos, nnx.to_pure_dict(state), cfg.optim.ns_steps)
     print(f"Newton-Schulz FLOPs per Muon step: {ns:.3e} = {ns / step_flops:.1%} of the model FLOPs of a "
           f"{tokens:,}-token step (train.batch_size x data.seq_len)")
     shardings = None
@@ -200,7 +200,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from k2jax.train.bench import bench, format_table, optimizer_variants
+    from k2jax.tools.bench import bench, format_table, optimizer_variants
 
     cfg = _load(args.config, args.set)
     if args.compare:
@@ -219,7 +219,7 @@ def cmd_bench(args) -> int:
 def cmd_lower(args) -> int:
     import time
 
-    from k2jax.train.lowering import lower_train_step, summarize
+    from k2jax.tools.lowering import lower_train_step, summarize
 
     cfg = _load(args.config, args.set)
     started = time.perf_counter()
@@ -241,7 +241,7 @@ def cmd_plan(args) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # compiled for the slice, never run here: leave any TPU alone
-    from k2jax.train.plan import format_report, plan
+    from k2jax.tools.plan import format_report, plan
 
     cfg = _load(args.config, args.set)
     report = plan(cfg, args.topology, tuple(args.parts.split(",")), args.hlo)
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML or a model preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--compare", metavar="KEY=V1,V2,...", help="time these values of one config key "
-                   "(e.g. model.expert_parallel=all_gather,gspmd) instead of the three optimizers")
+                   "(e.g. execution.expert_parallel=all_gather,gspmd) instead of the three optimizers")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--profile", metavar="DIR", help="trace one more step of each variant into DIR (jax.profiler)")

@@ -1,28 +1,25 @@
 """Attention and RoPE: max-logit statistics against a float64 numpy brute force, masks, YaRN."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.config import ModelConfig, YarnConfig
+from k2jax.config import AttentionConfig, ExecutionConfig, ModelConfig, YarnConfig, replace
 from k2jax.model.attention import Attention
 from k2jax.model.rope import apply_rope, inv_frequencies, rope_tables, softmax_scale
 from packing import packed_layout
 
-BASE = ModelConfig(d_model=64, num_heads=4, num_kv_heads=4, head_dim=16, kv_lora_rank=16, qk_nope_head_dim=16,
-                   qk_rope_head_dim=8, v_head_dim=16, compute_dtype="float32")
+BASE = ModelConfig(d_model=64, compute_dtype="float32", attention=AttentionConfig(
+    num_heads=4, num_kv_heads=4, head_dim=16, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16))
+YARN = YarnConfig(factor=4.0, original_max_position=8, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
 KINDS = {
-    "mha": dataclasses.replace(BASE, attention="mha"),
-    "gqa": dataclasses.replace(BASE, attention="gqa", num_kv_heads=2),
-    "mla": dataclasses.replace(BASE, attention="mla"),
-    "mla_qlora": dataclasses.replace(BASE, attention="mla", q_lora_rank=24),
-    "mla_yarn": dataclasses.replace(BASE, attention="mla", yarn=YarnConfig(factor=4.0, original_max_position=8,
-                                                                           beta_fast=32.0, beta_slow=1.0,
-                                                                           mscale=1.0, mscale_all_dim=1.0)),
+    "mha": replace(BASE, {"attention.kind": "mha"}),
+    "gqa": replace(BASE, {"attention.kind": "gqa", "attention.num_kv_heads": 2}),
+    "mla": replace(BASE, {"attention.kind": "mla"}),
+    "mla_qlora": replace(BASE, {"attention.kind": "mla", "attention.q_lora_rank": 24}),
+    "mla_yarn": replace(BASE, {"attention.kind": "mla", "attention.yarn": YARN}),
 }
 B, T = 2, 12
 
@@ -31,7 +28,7 @@ B, T = 2, 12
 
 
 def _np_rope(x, pos, dim, cfg):
-    inv, amp = inv_frequencies(dim, cfg.rope_theta, cfg.yarn)
+    inv, amp = inv_frequencies(dim, cfg.attention.rope_theta, cfg.attention.yarn)
     ang = pos[..., None].astype(np.float64) * inv
     cos, sin = np.cos(ang)[:, :, None] * amp, np.sin(ang)[:, :, None] * amp
     h = dim // 2
@@ -46,22 +43,22 @@ def _np_logits(p, cfg, x, pos):
     """(B, H, T, S) scaled logits computed independently in float64."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     x = np.asarray(x, np.float64)
-    if cfg.attention == "mla":
-        nope, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-        if cfg.q_lora_rank:
+    if cfg.attention.kind == "mla":
+        nope, r = cfg.attention.qk_nope_head_dim, cfg.attention.qk_rope_head_dim
+        if cfg.attention.q_lora_rank:
             q = np.einsum("btc,chd->bthd", _np_rms(x @ p["wq_a"], p["q_norm"]["scale"], cfg.rms_eps), p["wq_b"])
         else:
             q = np.einsum("btd,dhk->bthk", x, p["wq"])
         q = np.concatenate([q[..., :nope], _np_rope(q[..., nope:], pos, r, cfg)], -1)
         kv_a = x @ p["wkv_a"]
-        latent = _np_rms(kv_a[..., :cfg.kv_lora_rank], p["kv_norm"]["scale"], cfg.rms_eps)
+        latent = _np_rms(kv_a[..., :cfg.attention.kv_lora_rank], p["kv_norm"]["scale"], cfg.rms_eps)
         k_nope = np.einsum("btc,chd->bthd", latent, p["wkv_b"])[..., :nope]
-        k_rope = _np_rope(kv_a[:, :, None, cfg.kv_lora_rank:], pos, r, cfg)
+        k_rope = _np_rope(kv_a[:, :, None, cfg.attention.kv_lora_rank:], pos, r, cfg)
         k = np.concatenate([k_nope, np.broadcast_to(k_rope, k_nope.shape[:3] + (r,))], -1)
     else:
-        q = _np_rope(np.einsum("btd,dhk->bthk", x, p["wq"]), pos, cfg.head_dim, cfg)
-        k = _np_rope(np.einsum("btd,dgk->btgk", x, p["wk"]), pos, cfg.head_dim, cfg)
-        k = np.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2)
+        q = _np_rope(np.einsum("btd,dhk->bthk", x, p["wq"]), pos, cfg.attention.head_dim, cfg)
+        k = _np_rope(np.einsum("btd,dgk->btgk", x, p["wk"]), pos, cfg.attention.head_dim, cfg)
+        k = np.repeat(k, cfg.attention.num_heads // cfg.attention.num_kv_heads, axis=2)
     return np.einsum("bthd,bshd->bhts", q, k) * softmax_scale(cfg)
 
 
@@ -78,8 +75,8 @@ def _packed(rows):
                 ids=lambda p: "-".join(p))
 def setup(request):
     kind, impl = request.param  # the flash kernel runs interpreted on CPU: same brute-force checks
-    cfg = dataclasses.replace(KINDS[kind], attention_impl=impl)
-    attn = Attention(cfg, stats_key="s", rngs=nnx.Rngs(0))
+    cfg = KINDS[kind]
+    attn = Attention(cfg, stats_key="s", rngs=nnx.Rngs(0), execution=ExecutionConfig(attention_impl=impl))
     params = nnx.to_pure_dict(nnx.state(attn, nnx.Param))
     # larger weights so logits are O(1..10) and the max is well separated from rounding
     nnx.update(attn, jax.tree.map(lambda a: a * 8 if a.ndim > 1 else a, params))
@@ -93,7 +90,7 @@ def test_max_logit_equals_brute_force(setup, layout):
     pos, seg = _packed(layout)
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model))
     y, s = fwd(attn, x, jnp.asarray(pos), jnp.asarray(seg))
-    assert y.shape == (B, T, cfg.d_model) and y.dtype == jnp.float32 and s.shape == (cfg.num_heads,)
+    assert y.shape == (B, T, cfg.d_model) and y.dtype == jnp.float32 and s.shape == (cfg.attention.num_heads,)
     logits = _np_logits(nnx.to_pure_dict(nnx.state(attn, nnx.Param)), cfg, x, pos)
     expected = np.where(_np_mask(seg)[:, None], logits, -np.inf).max(axis=(0, 2, 3))
     np.testing.assert_allclose(np.asarray(s), expected, rtol=2e-5, atol=2e-5)
@@ -142,7 +139,7 @@ def test_gradients_finite_with_padding(setup):
 
 def test_rope_depends_only_on_relative_position():
     cfg = KINDS["mha"]
-    q, k = jax.random.normal(jax.random.key(5), (2, 1, 1, 1, cfg.head_dim))
+    q, k = jax.random.normal(jax.random.key(5), (2, 1, 1, 1, cfg.attention.head_dim))
 
     def dot(m, n):
         pos = jnp.asarray([[m, n]])

@@ -1,21 +1,19 @@
 """Router load balancing: Quantile Balancing, the sign rule, the sequence-wise loss, and the
 monitor that makes a collapse visible. References are brute-force numpy computations."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.config import ModelConfig
+from k2jax.config import ModelConfig, MoEConfig, replace
 from k2jax.model.moe import MoE, balance_histogram, quantile_bias, route, sign_bias
 from k2jax.train.metrics import LoadMonitor
 
 E, K = 16, 2
-CFG = ModelConfig(d_model=32, num_layers=2, num_dense_layers=0, num_experts=E, experts_per_token=K,
-                  expert_ffn_dim=16, compute_dtype="float32", router="sigmoid_bias")
+CFG = ModelConfig(d_model=32, num_layers=2, num_dense_layers=0, compute_dtype="float32",
+                  moe=MoEConfig(num_experts=E, experts_per_token=K, expert_ffn_dim=16, router="sigmoid_bias"))
 
 
 def _skewed_logits(key, n=4096):
@@ -77,7 +75,7 @@ def test_bias_rules_balance_a_skewed_router(rule):
 def test_sequence_balance_loss_matches_formula_and_balances_by_gradient():
     """DeepSeek-V3's sequence-wise loss against numpy (with padding), then gradient descent on
     that loss alone spreads a skewed router's load."""
-    cfg = dataclasses.replace(CFG, aux_loss_coef=1.0, router_balance="none")
+    cfg = replace(CFG, {"moe.aux_loss_coef": 1.0, "moe.router_balance": "none"})
     moe = MoE(cfg, nnx.Rngs(0))
     b, t = 4, 32
     x = jax.random.normal(jax.random.key(1), (b, t, cfg.d_model)) + 1.0  # a shared direction...

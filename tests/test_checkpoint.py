@@ -4,15 +4,14 @@ import dataclasses
 import json
 import os
 import signal
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax.model.presets import PRESETS
-from k2jax.train import flops
+from k2jax.config import PRESETS
+from k2jax.model import flops
 from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag
 from k2jax.train.metrics import MetricsWriter, plot_run, read_metrics
 

@@ -1,20 +1,23 @@
 """Configs: YAML + --set overrides, strict keys and types, shape validation naming the field."""
 
-import dataclasses
+from pathlib import Path
 
 import pytest
+import yaml
 
-from k2jax.config import Config, ConfigError, ModelConfig, from_dict, load_config, to_dict
-from k2jax.model.presets import PRESETS
+from k2jax.config import (PRESETS, AttentionConfig, Config, ConfigError, ExecutionConfig, ModelConfig, from_dict,
+                          load_config, replace, to_dict, with_legacy_values)
+
+OLD_RUN_CONFIG = Path(__file__).parent / "data" / "config_before_split.yaml"
 
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  preset: tiny\ntrain:\n  steps: 7\n")
-    cfg = load_config(path, ["train.batch_size=4", "optim.name=adamw", "model.num_heads=2",
-                             "model.num_kv_heads=2"])
+    cfg = load_config(path, ["train.batch_size=4", "optim.name=adamw", "model.attention.num_heads=2",
+                             "model.attention.num_kv_heads=2"])
     assert cfg.train.steps == 7 and cfg.train.batch_size == 4 and cfg.optim.name == "adamw"
-    assert cfg.model.d_model == PRESETS["tiny"].d_model and cfg.model.num_heads == 2
+    assert cfg.model.d_model == PRESETS["tiny"].d_model and cfg.model.attention.num_heads == 2
     assert load_config(None, ["optim.learning_rate=3e-4"]).optim.learning_rate == 3e-4  # YAML 1.1 string
     # the saved (plain dict) form loads back to the same config
     assert from_dict(Config, to_dict(cfg)) == cfg
@@ -37,18 +40,64 @@ def test_bad_overrides_name_the_key(override, needle):
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(attention="mha", num_heads=6, num_kv_heads=4), "model.num_kv_heads"),
-    (dict(attention="gqa", num_heads=6, num_kv_heads=4), "model.num_heads"),
-    (dict(experts_per_token=9, num_experts=8), "model.experts_per_token"),
-    (dict(attention="mla", kv_lora_rank=512, d_model=128), "model.kv_lora_rank"),
-    (dict(attention="mla", q_lora_rank=256, d_model=128), "model.q_lora_rank"),
-    (dict(attention="flash"), "model.attention"),
-    (dict(num_expert_groups=3, num_experts=8), "model.num_expert_groups"),
-    (dict(num_dense_layers=5, num_layers=2), "model.num_dense_layers"),
+    ({"attention.kind": "mha", "attention.num_heads": 6, "attention.num_kv_heads": 4},
+     "model.attention.num_kv_heads"),
+    ({"attention.kind": "gqa", "attention.num_heads": 6, "attention.num_kv_heads": 4}, "model.attention.num_heads"),
+    ({"moe.experts_per_token": 9, "moe.num_experts": 8}, "model.moe.experts_per_token"),
+    ({"attention.kind": "mla", "attention.kv_lora_rank": 512, "d_model": 128}, "model.attention.kv_lora_rank"),
+    ({"attention.kind": "mla", "attention.q_lora_rank": 256, "d_model": 128}, "model.attention.q_lora_rank"),
+    ({"attention.kind": "flash"}, "model.attention.kind"),
+    ({"moe.num_expert_groups": 3, "moe.num_experts": 8}, "model.moe.num_expert_groups"),
+    ({"num_dense_layers": 5, "num_layers": 2}, "model.num_dense_layers"),
 ])
 def test_inconsistent_model_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        dataclasses.replace(ModelConfig(), **changes)
+        replace(ModelConfig(), changes)
+
+
+def test_a_preset_is_the_base_of_nested_overrides():
+    cfg = load_config(None, ["model.preset=kimi-k2", "model.attention.yarn.factor=2", "model.moe.num_experts=64"])
+    kimi = PRESETS["kimi-k2"]
+    assert cfg.model.attention == replace(kimi.attention, {"yarn.factor": 2.0})  # the rest of K2's attention kept
+    assert cfg.model.moe == replace(kimi.moe, {"num_experts": 64})
+    assert cfg.execution == ExecutionConfig(remat="full")  # the preset's recommended execution...
+    assert load_config(None, ["model.preset=kimi-k2", "execution.remat=dots"]).execution.remat == "dots"  # ...unless set
+    assert load_config(None, ["model.preset=tiny"]).execution == ExecutionConfig()
+
+
+def test_a_run_directory_from_before_the_split_still_loads(capsys):
+    """An old run's flat config.yaml (written by the previous layout) loads to today's layout with the
+    same values, and says which keys it read under their new names."""
+    cfg = load_config(OLD_RUN_CONFIG)
+    note = capsys.readouterr().err
+    assert "before the model config was split" in note and "model.attention -> model.attention.kind" in note
+    assert "and 27 more" in note  # 31 keys moved; the note stays one short line
+    old = yaml.safe_load(OLD_RUN_CONFIG.read_text())["model"]
+    assert cfg.model.attention.kind == old["attention"] == "mla"
+    assert cfg.model.attention.kv_lora_rank == old["kv_lora_rank"] and cfg.model.moe.num_experts == old["num_experts"]
+    assert cfg.model.moe.dispatch == old["moe_dispatch"] and cfg.execution.remat == old["remat"]
+    assert cfg.model == PRESETS["small"]  # the default run's model
+    assert from_dict(Config, with_legacy_values(yaml.safe_load(OLD_RUN_CONFIG.read_text()))) == cfg
+
+
+def test_old_key_names_are_read_with_a_note_and_never_beat_new_ones(tmp_path, capsys):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  preset: tiny\n  attention: gqa\n  num_kv_heads: 2\n  remat: full\n")
+    cfg = load_config(path, ["model.attention.num_heads=8"])
+    assert cfg.model.attention == replace(PRESETS["tiny"].attention, {"kind": "gqa", "num_kv_heads": 2,
+                                                                      "num_heads": 8})
+    assert cfg.execution.remat == "full"
+    assert "model.remat -> execution.remat" in capsys.readouterr().err
+    # a --set under the old name overrides the file's new one (later wins, whatever the spelling)
+    path.write_text("model:\n  preset: tiny\n  moe:\n    num_experts: 4\n")
+    assert load_config(path, ["model.num_experts=16"]).model.moe.num_experts == 16
+
+
+def test_replace_follows_dotted_paths_and_validates():
+    cfg = replace(Config(), {"model.attention.kind": "gqa", "model.attention.num_kv_heads": 2, "train.steps": 3})
+    assert cfg.model.attention == AttentionConfig(kind="gqa", num_kv_heads=2) and cfg.train.steps == 3
+    with pytest.raises(ConfigError, match="model.attention.num_kv_heads"):
+        replace(Config(), {"model.attention.num_kv_heads": 3})
 
 
 def test_missing_file_and_bad_top_level(tmp_path):

@@ -3,15 +3,13 @@
 On CPU the kernel runs in Pallas interpret mode, the same program the GPU compiles.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.config import ModelConfig
+from k2jax.config import AttentionConfig, ExecutionConfig, ModelConfig, MoEConfig
 from k2jax.model.attention import attend, attention_mask
 from k2jax.model.flash_attention import flash_attend
 from k2jax.model.transformer import Transformer
@@ -91,15 +89,16 @@ def test_flash_tiles_any_length_when_interpreted_and_refuses_small_tiles_on_gpu(
 
 def test_model_trains_the_same_with_either_attention():
     """Loss, max-logit statistics and every parameter gradient agree between the two paths (MLA)."""
-    base = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_dense_layers=1, dense_ffn_dim=64,
-                       attention="mla", num_heads=4, num_kv_heads=2, head_dim=8, kv_lora_rank=16,
-                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_experts=4,
-                       expert_ffn_dim=16, max_seq_len=T, compute_dtype="float32")
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_dense_layers=1, dense_ffn_dim=64,
+                      max_seq_len=T, compute_dtype="float32",
+                      attention=AttentionConfig(kind="mla", num_heads=4, num_kv_heads=2, head_dim=8, kv_lora_rank=16,
+                                                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
+                      moe=MoEConfig(num_experts=4, expert_ffn_dim=16))
     tokens = jax.random.randint(jax.random.key(1), (2, T), 0, 64)
     pos, seg = (jnp.asarray(a) for a in packed_layout([[30, 34], [50]], T))
 
     def loss_and_grads(impl):
-        model = Transformer(dataclasses.replace(base, attention_impl=impl), nnx.Rngs(0))
+        model = Transformer(cfg, nnx.Rngs(0), ExecutionConfig(attention_impl=impl))
 
         def loss(m):
             logits, stats = m(tokens, positions=pos, segment_ids=seg)

@@ -73,7 +73,7 @@ def test_round_trip_both_expert_layouts(tmp_path):
     # a saved checkpoint directory loads without any network access
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg3, params3, _ = load_hf_checkpoint(tmp_path)
-    assert cfg3.q_lora_rank == 24 and cfg3.num_dense_layers == 1
+    assert cfg3.attention.q_lora_rank == 24 and cfg3.num_dense_layers == 1
     np.testing.assert_array_equal(params3["embed"]["table"], params["embed"]["table"])
 
 
@@ -102,10 +102,10 @@ def test_config_to_hf_inverts_config_from_hf(case):
 
 
 def test_export_refuses_what_the_layout_cannot_hold():
-    from k2jax.config import ModelConfig
+    from k2jax.config import AttentionConfig, ModelConfig, MoEConfig
     from k2jax.interop.deepseek_v3 import config_to_hf
 
-    with pytest.raises(InteropError, match="needs model.attention='mla'.*this model has 'gqa'"):
-        config_to_hf(ModelConfig(attention="gqa", num_kv_heads=2))
+    with pytest.raises(InteropError, match="needs model.attention.kind='mla'.*this model has 'gqa'"):
+        config_to_hf(ModelConfig(attention=AttentionConfig(kind="gqa", num_kv_heads=2)))
     with pytest.raises(InteropError, match="'softmax_topk'"):
-        config_to_hf(ModelConfig(attention="mla", router="softmax_topk"))
+        config_to_hf(ModelConfig(attention=AttentionConfig(kind="mla"), moe=MoEConfig(router="softmax_topk")))

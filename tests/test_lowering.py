@@ -17,7 +17,7 @@ from k2jax.cli import main
 from k2jax.config import load_config
 from k2jax.model.flash_attention import flash_attend
 from k2jax.platform import lowering_for, target_platform
-from k2jax.train.lowering import lower_train_step, summarize
+from k2jax.tools.lowering import lower_train_step, summarize
 
 TINY = Path(__file__).parents[1] / "experiments" / "tiny.yaml"
 TRITON = "__gpu$xla.gpu.triton"
@@ -57,7 +57,7 @@ def test_lower_command_lowers_the_train_step_for_gpu(tmp_path, capsys):
 def test_train_step_lowers_for_tpu_with_mosaic_flash():
     """The MLA variant for TPU: the library's Mosaic flash kernels (T = 128, one tile) and the
     megablox grouped-matmul kernels (no ragged dot: XLA's TPU ragged dot computes dW densely)."""
-    cfg = load_config(TINY, ["model.attention=mla", "data.seq_len=128", "train.batch_size=4"])
+    cfg = load_config(TINY, ["model.attention.kind=mla", "data.seq_len=128", "train.batch_size=4"])
     lowered, mesh = lower_train_step(cfg, "tpu")
     counts = summarize(lowered)
     assert (counts["Triton kernel"], counts["Mosaic TPU kernel"], counts["ragged_dot"]) == (0, 12, 0), counts

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k2jax.config import PRESETS, ExecutionConfig, replace
+from k2jax.model import flops
 from k2jax.model.count import count_params
-from k2jax.model.presets import PRESETS
 from k2jax.model.transformer import Transformer
 from k2jax.params import is_info, param_info
-from k2jax.train import flops
 from packing import packed_layout
 
 TINY = dataclasses.replace(PRESETS["tiny"], compute_dtype="float32")
 VARIANTS = {
     "mla": TINY,
-    "mla_qlora": dataclasses.replace(TINY, q_lora_rank=32),
-    "mha": dataclasses.replace(TINY, attention="mha"),
-    "gqa": dataclasses.replace(TINY, attention="gqa", num_kv_heads=2),
+    "mla_qlora": replace(TINY, {"attention.q_lora_rank": 32}),
+    "mha": replace(TINY, {"attention.kind": "mha"}),
+    "gqa": replace(TINY, {"attention.kind": "gqa", "attention.num_kv_heads": 2}),
 }
 B, T = 2, 16
 
@@ -52,11 +52,11 @@ def test_shapes_dtypes_and_stats_contract(model_and_fwd):
     infos = jax.tree.leaves(param_info(nnx.state(model, nnx.Param)), is_leaf=is_info)
     keys = {i.stats_key for i in infos if i.qk is not None}
     assert keys == set(stats["max_logits"]) == {"dense_layers", "moe_layers"}
-    assert stats["max_logits"]["moe_layers"].shape == (cfg.num_moe_layers, cfg.num_heads)
+    assert stats["max_logits"]["moe_layers"].shape == (cfg.num_moe_layers, cfg.attention.num_heads)
     counts = stats["expert_counts"]["moe_layers"]
-    assert counts.shape == (cfg.num_moe_layers, cfg.num_experts)
+    assert counts.shape == (cfg.num_moe_layers, cfg.moe.num_experts)
     # padding (segment 0) is not routed: every valid token picks K experts in every MoE layer
-    np.testing.assert_allclose(np.asarray(counts).sum(-1), int((seg > 0).sum()) * cfg.experts_per_token)
+    np.testing.assert_allclose(np.asarray(counts).sum(-1), int((seg > 0).sum()) * cfg.moe.experts_per_token)
 
 
 def test_causal(model_and_fwd):
@@ -119,7 +119,7 @@ def test_remat_keeps_gradients():
     pos, seg = _pos_seg([[T], [T]])
     grads = {}
     for remat in ("none", "full", "dots"):
-        model = Transformer(dataclasses.replace(TINY, remat=remat), nnx.Rngs(0))
+        model = Transformer(TINY, nnx.Rngs(0), ExecutionConfig(remat=remat))
         loss = lambda m: jnp.mean(m(_tokens(), pos, seg)[0] ** 2)  # noqa: E731
         grads[remat] = nnx.grad(loss)(model)
     for remat in ("full", "dots"):

@@ -1,6 +1,5 @@
 """MoE routing and dispatch against per-token numpy references."""
 
-import dataclasses
 import functools
 
 import jax
@@ -9,12 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax.config import ModelConfig
+from k2jax.config import ExecutionConfig, ModelConfig, MoEConfig, replace
 from k2jax.model.moe import MoE, RouterBias, route, sign_bias
 from k2jax.params import param_info
 
-CFG = ModelConfig(d_model=32, num_experts=8, experts_per_token=2, expert_ffn_dim=16, num_shared_experts=1,
-                  compute_dtype="float32", routed_scaling_factor=2.5, capacity_factor=8.0)
+CFG = ModelConfig(d_model=32, compute_dtype="float32",
+                  moe=MoEConfig(num_experts=8, experts_per_token=2, expert_ffn_dim=16, num_shared_experts=1,
+                                routed_scaling_factor=2.5, capacity_factor=8.0))
 B, T = 2, 10
 
 
@@ -22,36 +22,36 @@ def _np_route(logits, bias, cfg):
     """Per-token reference of DeepSeek-V3 group-limited routing / softmax top-k."""
     ids, weights = [], []
     for row in np.asarray(logits, np.float64):
-        if cfg.router == "sigmoid_bias":
+        if cfg.moe.router == "sigmoid_bias":
             scores = 1 / (1 + np.exp(-row))
             choice = scores + np.asarray(bias)
-            per = cfg.num_experts // cfg.num_expert_groups
-            groups = choice.reshape(cfg.num_expert_groups, per)
+            per = cfg.moe.num_experts // cfg.moe.num_expert_groups
+            groups = choice.reshape(cfg.moe.num_expert_groups, per)
             gscore = np.sort(groups, axis=1)[:, -min(2, per):].sum(1)
-            keep = np.argsort(-gscore, kind="stable")[:cfg.top_groups]
+            keep = np.argsort(-gscore, kind="stable")[:cfg.moe.top_groups]
             masked = np.full_like(choice, -np.inf)
             for g in keep:
                 masked[g * per:(g + 1) * per] = choice[g * per:(g + 1) * per]
-            top = np.argsort(-masked, kind="stable")[:cfg.experts_per_token]
+            top = np.argsort(-masked, kind="stable")[:cfg.moe.experts_per_token]
             w = scores[top]
         else:
             p = np.exp(row - row.max())
             p /= p.sum()
-            top = np.argsort(-p, kind="stable")[:cfg.experts_per_token]
+            top = np.argsort(-p, kind="stable")[:cfg.moe.experts_per_token]
             w = p[top]
-        if cfg.norm_topk_prob:
+        if cfg.moe.norm_topk_prob:
             w = w / w.sum()
         ids.append(top)
-        weights.append(w * cfg.routed_scaling_factor)
+        weights.append(w * cfg.moe.routed_scaling_factor)
     return np.asarray(ids), np.asarray(weights)
 
 
 @pytest.mark.parametrize("router, groups, top_groups", [("sigmoid_bias", 1, 1), ("sigmoid_bias", 4, 2),
                                                         ("sigmoid_bias", 2, 1), ("softmax_topk", 1, 1)])
 def test_route_matches_reference(router, groups, top_groups):
-    cfg = dataclasses.replace(CFG, router=router, num_expert_groups=groups, top_groups=top_groups)
-    logits = jax.random.normal(jax.random.key(0), (64, cfg.num_experts)) * 2
-    bias = jax.random.normal(jax.random.key(1), (cfg.num_experts,)) * 0.3
+    cfg = replace(CFG, {"moe.router": router, "moe.num_expert_groups": groups, "moe.top_groups": top_groups})
+    logits = jax.random.normal(jax.random.key(0), (64, cfg.moe.num_experts)) * 2
+    bias = jax.random.normal(jax.random.key(1), (cfg.moe.num_experts,)) * 0.3
     ids, w = route(logits, bias, cfg)
     ref_ids, ref_w = _np_route(logits, bias, cfg)
     np.testing.assert_array_equal(np.sort(np.asarray(ids), 1), np.sort(ref_ids, 1))
@@ -83,25 +83,25 @@ def _np_moe(p, cfg, x, bias):
                                                      ("ragged", "megablox"), ("capacity", "auto")])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_dispatch_matches_naive_loop(dispatch, grouped_matmul, groups):
-    cfg = dataclasses.replace(CFG, moe_dispatch=dispatch, grouped_matmul=grouped_matmul, num_expert_groups=groups)
-    moe = MoE(cfg, nnx.Rngs(0))
-    moe.bias.value = jax.random.normal(jax.random.key(7), (cfg.num_experts,)) * 0.01
+    cfg = replace(CFG, {"moe.dispatch": dispatch, "moe.num_expert_groups": groups})
+    moe = MoE(cfg, nnx.Rngs(0), ExecutionConfig(grouped_matmul=grouped_matmul))
+    moe.bias.value = jax.random.normal(jax.random.key(7), (cfg.moe.num_experts,)) * 0.01
     x = jax.random.normal(jax.random.key(2), (B, T, cfg.d_model))
     valid = jnp.ones((B, T), bool).at[1, 7:].set(False)
     y, stats = nnx.jit(lambda m, x, v: m(x, v))(moe, x, valid)
     ref, ids = _np_moe(nnx.to_pure_dict(nnx.state(moe, nnx.Param)), cfg, x, moe.bias.value)
     v = np.asarray(valid).reshape(-1)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model)[v], ref[v], rtol=2e-4, atol=2e-5)
-    counts = np.bincount(ids[v].reshape(-1), minlength=cfg.num_experts)
+    counts = np.bincount(ids[v].reshape(-1), minlength=cfg.moe.num_experts)
     np.testing.assert_array_equal(np.asarray(stats["expert_counts"]), counts)  # padding excluded
-    assert float(stats["expert_counts"].sum()) == v.sum() * cfg.experts_per_token
+    assert float(stats["expert_counts"].sum()) == v.sum() * cfg.moe.experts_per_token
     assert float(stats["dropped_fraction"]) == 0.0
 
 
 @pytest.mark.parametrize("group_sizes", [[50, 0, 100, 70, 1, 79], [0] * 6, [300, 0, 0, 0, 0, 0], [10, 20, 0, 5, 99, 3]])
 def test_tiled_grouped_matmul_equals_ragged_dot(group_sizes):
     """Empty groups, one full group, and rows past every group (sum 137 < 300: they come back zero)."""
-    from k2jax.model.grouped import _swiglu_ragged, _swiglu_tiled
+    from k2jax.model.grouped_matmul import _swiglu_ragged, _swiglu_tiled
 
     keys = jax.random.split(jax.random.key(0), 4)
     args = (jax.random.normal(keys[0], (300, 16)), jax.random.normal(keys[1], (6, 16, 8)),
@@ -123,7 +123,7 @@ def test_megablox_grouped_matmul_equals_ragged_dot_and_tiled(group_sizes):
     groups that start and end inside tiles, empty groups, one group of every row, rows past every
     group (they come back zero and take no gradient); values and gradients w.r.t. x and the three
     weight stacks."""
-    from k2jax.model.grouped import _swiglu_megablox, _swiglu_ragged, _swiglu_tiled
+    from k2jax.model.grouped_matmul import _swiglu_megablox, _swiglu_ragged, _swiglu_tiled
 
     keys = jax.random.split(jax.random.key(0), 4)
     args = (jax.random.normal(keys[0], (120, 16)), jax.random.normal(keys[1], (6, 16, 8)),
@@ -152,7 +152,7 @@ def test_megablox_pads_rows_and_dims_and_runs_bfloat16(monkeypatch):
     """Rows that fill no whole tile (37 of 48), and D, F the kernels would not take whole (forced
     here by a small MEGABLOX_MAX_WHOLE: padded to 128 with zeros and sliced off); bfloat16 in and
     out, accumulated in float32: close to the float32 ragged dot of the same bfloat16 numbers."""
-    import k2jax.model.grouped as grouped
+    import k2jax.model.grouped_matmul as grouped
 
     monkeypatch.setattr(grouped, "MEGABLOX_MAX_WHOLE", 8)
     assert grouped._megablox_padded_dim(20) == 128 and grouped._megablox_padded_dim(256) == 256
@@ -181,15 +181,15 @@ def test_megablox_is_picked_and_compiled_for_tpu():
     """auto: tiled on CPU, megablox on TPU, ragged_dot on GPU. Traced for TPU on this CPU, the
     grouped SwiGLU and its gradient are Mosaic kernels (not interpreted), with tiles the presets'
     widths allow (the whole dim, or 128..512 dividing it) and rows tiles of 128..512."""
-    from k2jax.model.grouped import (_megablox_row_tile, _megablox_tile, _swiglu_megablox, grouped_matmul_impl,
+    from k2jax.model.grouped_matmul import (_megablox_row_tile, _megablox_tile, _swiglu_megablox, grouped_matmul_impl,
                                      swiglu_grouped)
     from k2jax.platform import lowering_for
 
-    assert grouped_matmul_impl(CFG) == "tiled"
+    assert grouped_matmul_impl("auto") == "tiled"
     for platform, impl in [("tpu", "megablox"), ("cuda", "ragged_dot"), ("cpu", "tiled")]:
         with lowering_for(platform):
-            assert grouped_matmul_impl(CFG) == impl
-    assert grouped_matmul_impl(dataclasses.replace(CFG, grouped_matmul="megablox")) == "megablox"
+            assert grouped_matmul_impl("auto") == impl
+    assert grouped_matmul_impl("megablox") == "megablox"
     assert swiglu_grouped("megablox") is _swiglu_megablox
     assert [_megablox_tile(n) for n in (64, 144, 584, 880, 512, 2048, 3072, 7168)] == [
         64, 144, 584, 880, 512, 512, 512, 512]
@@ -210,7 +210,7 @@ def test_megablox_is_picked_and_compiled_for_tpu():
 
 
 def test_small_capacity_drops_and_reports_it():
-    cfg = dataclasses.replace(CFG, moe_dispatch="capacity", capacity_factor=0.25)
+    cfg = replace(CFG, {"moe.dispatch": "capacity", "moe.capacity_factor": 0.25})
     moe = MoE(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), (B, T, cfg.d_model))
     _, stats = moe(x, jnp.ones((B, T), bool))
@@ -220,15 +220,15 @@ def test_small_capacity_drops_and_reports_it():
 @pytest.mark.parametrize("grouped_matmul", ["ragged_dot", "tiled", "megablox"])
 def test_ragged_gradients_match_dense_reference(grouped_matmul):
     """Gradient through the grouped matmul equals the gradient of computing every expert for every token."""
-    cfg = dataclasses.replace(CFG, grouped_matmul=grouped_matmul)
-    moe = MoE(cfg, nnx.Rngs(0))
+    cfg = CFG
+    moe = MoE(cfg, nnx.Rngs(0), ExecutionConfig(grouped_matmul=grouped_matmul))
     x = jax.random.normal(jax.random.key(4), (B, T, cfg.d_model))
     valid = jnp.ones((B, T), bool)
 
     def dense(m, x):
         xf = x.reshape(-1, cfg.d_model)
         ids, w = route(xf @ m.router[...], m.bias[...], cfg)
-        gates = jnp.zeros((xf.shape[0], cfg.num_experts)).at[jnp.arange(xf.shape[0])[:, None], ids].add(w)
+        gates = jnp.zeros((xf.shape[0], cfg.moe.num_experts)).at[jnp.arange(xf.shape[0])[:, None], ids].add(w)
         h = jax.nn.silu(jnp.einsum("nd,edf->enf", xf, m.wi_gate[...])) * jnp.einsum("nd,edf->enf", xf, m.wi_up[...])
         y = jnp.einsum("enf,efd->end", h, m.wo[...])
         return jnp.einsum("end,ne->nd", y, gates) + m.shared(xf)
@@ -241,7 +241,7 @@ def test_ragged_gradients_match_dense_reference(grouped_matmul):
 
 
 def test_router_losses_match_formulas():
-    cfg = dataclasses.replace(CFG, router="softmax_topk", aux_loss_coef=0.01, router_z_loss_coef=0.001)
+    cfg = replace(CFG, {"moe.router": "softmax_topk", "moe.aux_loss_coef": 0.01, "moe.router_z_loss_coef": 0.001})
     moe = MoE(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(5), (B, T, cfg.d_model))
     valid = jnp.ones((B, T), bool).at[0, 8:].set(False)
@@ -250,9 +250,9 @@ def test_router_losses_match_formulas():
     logits = (np.asarray(x, np.float64).reshape(-1, cfg.d_model) @ np.asarray(moe.router[...], np.float64))[v]
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    ids, _ = _np_route(logits, np.zeros(cfg.num_experts), cfg)
-    f = np.bincount(ids.reshape(-1), minlength=cfg.num_experts) / (v.sum() * cfg.experts_per_token)
-    aux = cfg.num_experts * np.sum(f * probs.mean(0))
+    ids, _ = _np_route(logits, np.zeros(cfg.moe.num_experts), cfg)
+    f = np.bincount(ids.reshape(-1), minlength=cfg.moe.num_experts) / (v.sum() * cfg.moe.experts_per_token)
+    aux = cfg.moe.num_experts * np.sum(f * probs.mean(0))
     z = np.mean(np.log(np.exp(logits).sum(1)) ** 2)
     assert float(stats["aux_loss"]) == pytest.approx(0.01 * aux, rel=1e-4)
     assert float(stats["z_loss"]) == pytest.approx(0.001 * z, rel=1e-4)

@@ -15,8 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from k2jax.config import ConfigError, load_config
 from k2jax.parallel.topology import tpu_slice
 from k2jax.platform import lowering_for
-from k2jax.train import hlo_stats
-from k2jax.train.plan import plan
+from k2jax.tools import hlo_stats
+from k2jax.tools.plan import plan
 from k2jax.train.step import abstract_batch, abstract_train_state, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]

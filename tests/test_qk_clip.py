@@ -1,7 +1,5 @@
 """QK-Clip (k2jax/optim/qk_clip.py) on attention layers, the real model and scanned stacks; MuonClip's chain."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,19 +8,18 @@ import pytest
 from flax import nnx
 from param_trees import make_info
 
-from k2jax.config import ModelConfig, OptimConfig
+from k2jax.config import AttentionConfig, ModelConfig, OptimConfig, get_preset, replace
 from k2jax.model.attention import Attention
-from k2jax.model.presets import get_preset
 from k2jax.model.rope import rope_tables
 from k2jax.model.transformer import Transformer
 from k2jax.optim import muonclip, qk_clip, qk_clip_metrics
 from k2jax.params import is_info, param_info
 
 ATTN = {
-    "mha": ModelConfig(attention="mha", compute_dtype="float32"),
-    "gqa": ModelConfig(attention="gqa", num_kv_heads=2, compute_dtype="float32"),
-    "mla": ModelConfig(attention="mla", compute_dtype="float32"),
-    "mla_qlora": ModelConfig(attention="mla", q_lora_rank=32, compute_dtype="float32"),
+    "mha": ModelConfig(attention=AttentionConfig(kind="mha"), compute_dtype="float32"),
+    "gqa": ModelConfig(attention=AttentionConfig(kind="gqa", num_kv_heads=2), compute_dtype="float32"),
+    "mla": ModelConfig(attention=AttentionConfig(kind="mla"), compute_dtype="float32"),
+    "mla_qlora": ModelConfig(attention=AttentionConfig(kind="mla", q_lora_rank=32), compute_dtype="float32"),
 }
 B, T = 2, 12
 
@@ -39,7 +36,7 @@ def test_qk_clip_caps_heads_at_tau_and_leaves_others_bitwise(kind):
     params = nnx.to_pure_dict(nnx.state(attn, nnx.Param))
     infos = param_info(nnx.state(attn, nnx.Param))
     # blow up heads 0 and 2 (their query columns) so their logits exceed tau
-    boost = np.ones(cfg.num_heads, np.float32)
+    boost = np.ones(cfg.attention.num_heads, np.float32)
     boost[[0, 2]] = 40.0
     q_name = "wq_b" if "wq_b" in params else "wq"
     params[q_name] = params[q_name] * boost[None, :, None]
@@ -72,12 +69,12 @@ def test_qk_clip_caps_heads_at_tau_and_leaves_others_bitwise(kind):
             continue
         a, b = np.asarray(new[name]), np.asarray(params[name])
         n_heads = a.shape[head_axis]
-        under = [h for h in range(n_heads) if n_heads != cfg.num_heads or not over[h]]
+        under = [h for h in range(n_heads) if n_heads != cfg.attention.num_heads or not over[h]]
         np.testing.assert_array_equal(a[:, under], b[:, under])
     if kind == "gqa":  # query-only rule: the shared keys never shrink
         np.testing.assert_array_equal(np.asarray(new["wk"]), np.asarray(params["wk"]))
     if kind.startswith("mla"):  # value columns of kv_b are never touched
-        v0 = cfg.qk_nope_head_dim
+        v0 = cfg.attention.qk_nope_head_dim
         np.testing.assert_array_equal(np.asarray(new["wkv_b"])[..., v0:], np.asarray(params["wkv_b"])[..., v0:])
 
 
@@ -94,9 +91,9 @@ K2_EXPONENTS = {
 def test_qk_clip_scales_the_real_models_weights_by_k2s_exponents(kind, alpha):
     """Built from the Transformer itself (scanned dense and MoE stacks): after a zero update,
     every query/key column of a clipped head equals its old value times gamma ** exponent."""
-    heads = {"mha": dict(num_kv_heads=4), "gqa": dict(num_kv_heads=2), "mla": {}}[kind]
-    cfg = dataclasses.replace(get_preset("tiny"), attention="mla" if kind == "mla" else "gqa",
-                              compute_dtype="float32", **heads)
+    heads = {"mha": {"attention.num_kv_heads": 4}, "gqa": {"attention.num_kv_heads": 2}, "mla": {}}[kind]
+    cfg = replace(get_preset("tiny"), {"attention.kind": "mla" if kind == "mla" else "gqa",
+                                       "compute_dtype": "float32", **heads})
     model = Transformer(cfg, nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     infos = param_info(nnx.state(model, nnx.Param))

@@ -126,13 +126,13 @@ def test_tmp_leftover_fresh_start_resume_checks_and_corrupt_latest(tmp_path, cap
     _truncate_largest(out / "checkpoints" / "4")  # the newest checkpoint is unreadable
     (out / "checkpoints" / "6" / "state").mkdir(parents=True)  # and a step with only part of its items
     capfd.readouterr()
-    summary = train(_cfg(out, "train.steps=6", "model.remat=full", "optim.learning_rate=0.005",
+    summary = train(_cfg(out, "train.steps=6", "execution.remat=full", "optim.learning_rate=0.005",
                          "checkpoint.keep=1", "mesh.data=1"), resume=True)  # execution and length may change
     assert summary["start_step"] == 2 and summary["steps"] == 6
     err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning")]
     assert len(err) == 3, err  # the removed partial step, the unreadable one, where it went
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["model"]["remat"] == "full" and saved["train"]["steps"] == 6
+    assert saved["execution"]["remat"] == "full" and saved["train"]["steps"] == 6
     assert (out / "checkpoints" / "4.unreadable").is_dir()
     assert finished_steps(out / "checkpoints") == [6]  # keep=1, and step 6 has the best eval loss
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
@@ -189,7 +189,7 @@ def test_analyze_a_kept_results_csv_without_rewriting_it_and_name_degenerate_fit
     from k2jax.cli import main
     from k2jax.sweep.analysis import AnalysisError, analyze
 
-    path = _sweep_file(tmp_path, {"model.num_heads": [2, 4, 8]})  # the committed heads ablation's run names
+    path = _sweep_file(tmp_path, {"model.attention.num_heads": [2, 4, 8]})  # the committed heads ablation's run names
     out = tmp_path / "sweep"
     out.mkdir()
     shutil.copy(ROOT / "experiments" / "results" / "heads_cpu" / "results.csv", out / "results.csv")
@@ -382,16 +382,20 @@ def test_ctrl_c_waits_for_the_save_in_flight_and_exits_130(tmp_path):
 
 
 def test_resume_compares_a_setting_the_run_predates_with_the_value_it_trained_with(tmp_path, monkeypatch):
-    """Runs saved before model.router_balance existed trained with the sign rule: resuming them under
-    today's default (quantile) is a change of the model's routing, refused by name."""
-    from k2jax.config import to_dict
+    """A checkpoint saved before the model config was split (flat keys) and before
+    model.moe.router_balance existed trained with the sign rule: resuming it under today's default
+    (quantile) is a change of the model's routing, refused by name; with the rule it trained with it
+    resumes, and its execution settings may change."""
+    import yaml
+
     from k2jax.train import loop
 
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [f"train.out_dir={tmp_path}"])
-    saved = to_dict(cfg)
+    saved = yaml.safe_load((ROOT / "tests" / "data" / "config_before_split.yaml").read_text())
     del saved["model"]["router_balance"]
     monkeypatch.setattr(loop, "saved_config", lambda ckpt_dir: (10, saved))
-    with pytest.raises(ConfigError, match="model.router_balance 'sign' -> 'quantile'"):
-        loop._check_resumed_config(tmp_path / "checkpoints", cfg)
+    default = ROOT / "experiments" / "default.yaml"
+    with pytest.raises(ConfigError, match=r"differ from the run's \(checkpoint step 10\): "
+                                          r"model.moe.router_balance 'sign' -> 'quantile'\. "):
+        loop._check_resumed_config(tmp_path / "checkpoints", load_config(default))
     loop._check_resumed_config(tmp_path / "checkpoints", load_config(  # the rule it trained with: accepted
-        ROOT / "experiments" / "tiny.yaml", [f"train.out_dir={tmp_path}", "model.router_balance=sign"]))
+        default, ["model.moe.router_balance=sign", "execution.remat=full", "execution.attention_impl=plain"]))

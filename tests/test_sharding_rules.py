@@ -68,7 +68,7 @@ def test_uneven_latent_ranks_and_key_value_groups_replicate_by_rule():
     assert set(_specs(state["params"], "wkv_b").values()) == {P(None, None, None, None)}
     assert set(_specs(state["params"], "wq_b").values()) == {P(None, "fsdp", None, None)}
 
-    gqa = _layout(_config("tiny", "model.attention=gqa", "model.num_kv_heads=2", "mesh.tensor=4"))
+    gqa = _layout(_config("tiny", "model.attention.kind=gqa", "model.attention.num_kv_heads=2", "mesh.tensor=4"))
     assert set(_specs(gqa["params"], "wk").values()) == {P(None, None, None, None)}
     assert set(_specs(gqa["params"], "wq").values()) == {P(None, None, "tensor", None)}
 

@@ -71,17 +71,17 @@ def test_a_diverged_run_is_a_recorded_result_and_the_sweep_goes_on(tmp_path):
 
 
 def test_bundled_axes_and_printed_commands(tmp_path):
-    path = _write_sweep(tmp_path, {"model.num_experts": [4, 8],
+    path = _write_sweep(tmp_path, {"model.moe.num_experts": [4, 8],
                                    "size": {"s": {"model.d_model": 64}, "m": {"model.d_model": 96}}})
     sweep = load_sweep(path)
     assert [r.name for r in sweep.runs] == ["num_experts=4-size=s", "num_experts=4-size=m",
                                             "num_experts=8-size=s", "num_experts=8-size=m"]
-    assert sweep.config(sweep.runs[3]).model.d_model == 96 and sweep.config(sweep.runs[3]).model.num_experts == 8
+    assert sweep.config(sweep.runs[3]).model.d_model == 96 and sweep.config(sweep.runs[3]).model.moe.num_experts == 8
     cmds = launch_commands(sweep, "--distributed auto")
     assert len(cmds) == 4 and "--set model.d_model=96" in cmds[3] and cmds[3].endswith("--distributed auto")
-    skipped = load_sweep(_write_sweep(tmp_path, {"model.num_experts": [4, 8],
+    skipped = load_sweep(_write_sweep(tmp_path, {"model.moe.num_experts": [4, 8],
                                                  "size": {"s": {"model.d_model": 64}, "m": {"model.d_model": 96}}},
-                                      exclude=[{"model.num_experts": 8, "size": "s"}, {"size": "m"}]))
+                                      exclude=[{"model.moe.num_experts": 8, "size": "s"}, {"size": "m"}]))
     assert [r.name for r in skipped.runs] == ["num_experts=4-size=s"]
 
 
@@ -92,8 +92,8 @@ def test_bad_sweeps_fail_before_training(tmp_path):
         load_sweep(_write_sweep(tmp_path, {"optim.name": []}))
     with pytest.raises(ConfigError, match="unknown keys"):
         load_sweep(_write_sweep(tmp_path, {"optim.name": ["muon"]}, steps=3))
-    with pytest.raises(ConfigError, match=r"exclude names model.num_experts=3, which is not in the grid \(model.num_experts: \[4\]"):
-        load_sweep(_write_sweep(tmp_path, {"model.num_experts": [4]}, exclude=[{"model.num_experts": 3}]))
+    with pytest.raises(ConfigError, match=r"exclude names model.moe.num_experts=3, which is not in the grid \(model.moe.num_experts: \[4\]"):
+        load_sweep(_write_sweep(tmp_path, {"model.moe.num_experts": [4]}, exclude=[{"model.moe.num_experts": 3}]))
     assert not (tmp_path / "sweep").exists()
 
 
@@ -134,13 +134,13 @@ def test_curve_analysis_fits_each_runs_held_out_curve(tmp_path):
         records += [{"step": s, "eval_loss": float(truth.loss(speedup * s * flops_per_step) + rng.normal(0, 2e-4))}
                     for s in range(25, steps + 1, 25)]
         (tmp_path / run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in sorted(records, key=lambda r: r["step"])))
-        rows.append({"run": run, "model.num_experts": experts, "flops": steps * flops_per_step, "steps": steps,
+        rows.append({"run": run, "model.moe.num_experts": experts, "flops": steps * flops_per_step, "steps": steps,
                      "final_eval_loss": records[-1]["eval_loss"]})
     with (tmp_path / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    result = analyze(tmp_path, arm="model.num_experts", reference="4", curves=True)
+    result = analyze(tmp_path, arm="model.moe.num_experts", reference="4", curves=True)
     assert set(result["arms"]) == {"4", "16"}
     assert result["arms"]["4"]["alpha"] == pytest.approx(0.4, rel=0.1)
     multiplier = result["multipliers"]["16"]

@@ -237,7 +237,7 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
 
 
 def test_bench_times_each_optimizer_on_the_same_step():
-    from k2jax.train.bench import bench, format_table, optimizer_variants
+    from k2jax.tools.bench import bench, format_table, optimizer_variants
 
     cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=32"])
     rows = bench(optimizer_variants(cfg, ("muonclip", "adamw")), steps=2, warmup=0)
@@ -256,13 +256,13 @@ def test_bench_compare_times_values_of_one_key(capsys, tmp_path):
 
     small = ["--set", "train.batch_size=4", "--set", "data.seq_len=32", "--steps", "1", "--warmup", "0"]
     profile = tmp_path / "profile"
-    assert main(["bench", str(TINY), "--compare", "model.grouped_matmul=ragged_dot,tiled", *small,
+    assert main(["bench", str(TINY), "--compare", "execution.grouped_matmul=ragged_dot,tiled", *small,
                  "--profile", str(profile)]) == 0
     table = capsys.readouterr().out
     assert "ragged_dot/this" in table and "\ntiled " in table
     assert list(profile.rglob("*.xplane.pb")), "no profiler trace written"
-    assert main(["bench", str(TINY), "--compare", "model.grouped_matmul", *small]) == 2  # no values
-    assert main(["bench", str(TINY), "--compare", "model.grouped_matmul=ragged,tiled", *small]) == 2  # bad value
+    assert main(["bench", str(TINY), "--compare", "execution.grouped_matmul", *small]) == 2  # no values
+    assert main(["bench", str(TINY), "--compare", "execution.grouped_matmul=ragged,tiled", *small]) == 2  # bad value
     assert "not one of" in capsys.readouterr().err
 
 

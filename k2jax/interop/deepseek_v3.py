@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from k2jax.config import ModelConfig, YarnConfig
+from k2jax.config import AttentionConfig, ModelConfig, MoEConfig, YarnConfig
 
 
 class InteropError(ValueError):
@@ -39,42 +39,46 @@ def config_from_hf(hf: Mapping) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_dense_layers=hf.get("first_k_dense_replace", 0), dense_ffn_dim=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 4096), attention="mla", num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank") or 0,
-        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], rope_theta=float(theta), yarn=yarn,
-        num_experts=hf["n_routed_experts"], experts_per_token=hf["num_experts_per_tok"],
-        num_shared_experts=hf.get("n_shared_experts") or 0, expert_ffn_dim=hf["moe_intermediate_size"],
-        router="sigmoid_bias", num_expert_groups=hf.get("n_group") or 1, top_groups=hf.get("topk_group") or 1,
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        attention=AttentionConfig(
+            kind="mla", num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_attention_heads"],
+            q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"], rope_theta=float(theta), yarn=yarn),
+        moe=MoEConfig(
+            num_experts=hf["n_routed_experts"], experts_per_token=hf["num_experts_per_tok"],
+            num_shared_experts=hf.get("n_shared_experts") or 0, expert_ffn_dim=hf["moe_intermediate_size"],
+            router="sigmoid_bias", num_expert_groups=hf.get("n_group") or 1, top_groups=hf.get("topk_group") or 1,
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True))),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The DeepSeek-V3 config.json dict of `cfg` (config_from_hf's inverse); InteropError for a model the
     layout cannot hold (it has MLA attention and the sigmoid router with a selection bias only)."""
-    if cfg.attention != "mla" or cfg.router != "sigmoid_bias":
-        raise InteropError(f"the DeepSeek-V3 layout needs model.attention='mla' and model.router='sigmoid_bias'; "
-                           f"this model has {cfg.attention!r} and {cfg.router!r}")
+    att, moe = cfg.attention, cfg.moe
+    if att.kind != "mla" or moe.router != "sigmoid_bias":
+        raise InteropError(f"the DeepSeek-V3 layout needs model.attention.kind='mla' and model.moe.router="
+                           f"'sigmoid_bias'; this model has {att.kind!r} and {moe.router!r}")
     hf = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "float32",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
         "first_k_dense_replace": cfg.num_dense_layers, "intermediate_size": cfg.dense_ffn_dim,
-        "max_position_embeddings": cfg.max_seq_len, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads, "q_lora_rank": cfg.q_lora_rank or None,
-        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_theta": cfg.rope_theta,
-        "n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
-        "n_shared_experts": cfg.num_shared_experts, "moe_intermediate_size": cfg.expert_ffn_dim,
-        "n_group": cfg.num_expert_groups, "topk_group": cfg.top_groups, "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid", "routed_scaling_factor": cfg.routed_scaling_factor,
-        "norm_topk_prob": cfg.norm_topk_prob, "rms_norm_eps": cfg.rms_eps, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "num_attention_heads": att.num_heads,
+        "num_key_value_heads": att.num_heads, "q_lora_rank": att.q_lora_rank or None,
+        "kv_lora_rank": att.kv_lora_rank, "qk_nope_head_dim": att.qk_nope_head_dim,
+        "qk_rope_head_dim": att.qk_rope_head_dim, "v_head_dim": att.v_head_dim, "rope_theta": att.rope_theta,
+        "n_routed_experts": moe.num_experts, "num_experts_per_tok": moe.experts_per_token,
+        "n_shared_experts": moe.num_shared_experts, "moe_intermediate_size": moe.expert_ffn_dim,
+        "n_group": moe.num_expert_groups, "topk_group": moe.top_groups, "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid", "routed_scaling_factor": moe.routed_scaling_factor,
+        "norm_topk_prob": moe.norm_topk_prob, "rms_norm_eps": cfg.rms_eps, "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings,
     }
-    if cfg.yarn is not None:
-        y = cfg.yarn
+    if cfg.attention.yarn is not None:
+        y = cfg.attention.yarn
         hf["rope_scaling"] = {"rope_type": "yarn", "factor": y.factor, "original_max_position_embeddings":
                               y.original_max_position, "beta_fast": y.beta_fast, "beta_slow": y.beta_slow,
                               "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim}
@@ -106,21 +110,22 @@ class _Reader:
 
 
 def _attention_from_hf(get, p: str, cfg: ModelConfig) -> dict:
-    d, h, nope, r, dv = cfg.d_model, cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    att = cfg.attention
+    d, h, nope, r, dv = cfg.d_model, att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
     perm = np.concatenate([np.arange(nope), nope + _rope_perm(r)])
     out = {}
-    if cfg.q_lora_rank:
-        out["wq_a"] = get(f"{p}q_a_proj.weight", (cfg.q_lora_rank, d)).T
-        out["q_norm"] = {"scale": get(f"{p}q_a_layernorm.weight", (cfg.q_lora_rank,))}
-        q_b = get(f"{p}q_b_proj.weight", (h * (nope + r), cfg.q_lora_rank))
-        out["wq_b"] = q_b.T.reshape(cfg.q_lora_rank, h, nope + r)[..., perm]
+    if att.q_lora_rank:
+        out["wq_a"] = get(f"{p}q_a_proj.weight", (att.q_lora_rank, d)).T
+        out["q_norm"] = {"scale": get(f"{p}q_a_layernorm.weight", (att.q_lora_rank,))}
+        q_b = get(f"{p}q_b_proj.weight", (h * (nope + r), att.q_lora_rank))
+        out["wq_b"] = q_b.T.reshape(att.q_lora_rank, h, nope + r)[..., perm]
     else:
         out["wq"] = get(f"{p}q_proj.weight", (h * (nope + r), d)).T.reshape(d, h, nope + r)[..., perm]
-    kv_a = get(f"{p}kv_a_proj_with_mqa.weight", (cfg.kv_lora_rank + r, d)).T
-    out["wkv_a"] = np.concatenate([kv_a[:, :cfg.kv_lora_rank], kv_a[:, cfg.kv_lora_rank:][:, _rope_perm(r)]], 1)
-    out["kv_norm"] = {"scale": get(f"{p}kv_a_layernorm.weight", (cfg.kv_lora_rank,))}
-    out["wkv_b"] = get(f"{p}kv_b_proj.weight", (h * (nope + dv), cfg.kv_lora_rank)).T.reshape(
-        cfg.kv_lora_rank, h, nope + dv)
+    kv_a = get(f"{p}kv_a_proj_with_mqa.weight", (att.kv_lora_rank + r, d)).T
+    out["wkv_a"] = np.concatenate([kv_a[:, :att.kv_lora_rank], kv_a[:, att.kv_lora_rank:][:, _rope_perm(r)]], 1)
+    out["kv_norm"] = {"scale": get(f"{p}kv_a_layernorm.weight", (att.kv_lora_rank,))}
+    out["wkv_b"] = get(f"{p}kv_b_proj.weight", (h * (nope + dv), att.kv_lora_rank)).T.reshape(
+        att.kv_lora_rank, h, nope + dv)
     out["wo"] = get(f"{p}o_proj.weight", (d, h * dv)).T.reshape(h, dv, d)
     return out
 
@@ -131,7 +136,8 @@ def _swiglu_from_hf(get, p: str, d: int, f: int) -> dict:
 
 
 def _moe_from_hf(get, p: str, cfg: ModelConfig) -> tuple[dict, np.ndarray]:
-    d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn_dim
+    moe = cfg.moe
+    d, e, f = cfg.d_model, moe.num_experts, moe.expert_ffn_dim
     out = {"router": get(f"{p}gate.weight", (e, d)).T}
     if get.has(f"{p}experts.gate_up_proj"):
         gate_up = get(f"{p}experts.gate_up_proj", (e, 2 * f, d))
@@ -143,8 +149,8 @@ def _moe_from_hf(get, p: str, cfg: ModelConfig) -> tuple[dict, np.ndarray]:
         out["wi_gate"] = np.stack([x["gate"] for x in experts])
         out["wi_up"] = np.stack([x["up"] for x in experts])
         out["wo"] = np.stack([x["down"] for x in experts])
-    if cfg.num_shared_experts:
-        out["shared"] = _swiglu_from_hf(get, f"{p}shared_experts.", d, cfg.num_shared_experts * f)
+    if moe.num_shared_experts:
+        out["shared"] = _swiglu_from_hf(get, f"{p}shared_experts.", d, moe.num_shared_experts * f)
     bias = get(f"{p}gate.e_score_correction_bias", (e,))
     return out, bias
 
@@ -202,7 +208,8 @@ def to_hf_state_dict(params: Mapping, router_biases: Mapping, cfg: ModelConfig, 
                      fused_experts: bool = True) -> dict[str, np.ndarray]:
     """The inverse of from_hf_state_dict (float32 numpy arrays keyed like HF)."""
     scan = cfg.scan_layers
-    h, nope, r, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    att = cfg.attention
+    h, nope, r, dv = att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
     inverse = np.argsort(np.concatenate([np.arange(nope), nope + _rope_perm(r)]))
     sd = {"model.embed_tokens.weight": params["embed"]["table"], "model.norm.weight": params["final_norm"]["scale"]}
     if not cfg.tie_embeddings:
@@ -215,17 +222,17 @@ def to_hf_state_dict(params: Mapping, router_biases: Mapping, cfg: ModelConfig, 
         sd[f"{p}input_layernorm.weight"] = layer["attn_norm"]["scale"]
         sd[f"{p}post_attention_layernorm.weight"] = layer["ffn_norm"]["scale"]
         a = {k: (np.asarray(v) if not isinstance(v, dict) else v) for k, v in layer["attn"].items()}
-        if cfg.q_lora_rank:
+        if att.q_lora_rank:
             sd[f"{p}self_attn.q_a_proj.weight"] = a["wq_a"].T
             sd[f"{p}self_attn.q_a_layernorm.weight"] = a["q_norm"]["scale"]
-            sd[f"{p}self_attn.q_b_proj.weight"] = a["wq_b"][..., inverse].reshape(cfg.q_lora_rank, -1).T
+            sd[f"{p}self_attn.q_b_proj.weight"] = a["wq_b"][..., inverse].reshape(att.q_lora_rank, -1).T
         else:
             sd[f"{p}self_attn.q_proj.weight"] = a["wq"][..., inverse].reshape(cfg.d_model, -1).T
         kv_a = a["wkv_a"]
-        rope_cols = kv_a[:, cfg.kv_lora_rank:][:, np.argsort(_rope_perm(r))]
-        sd[f"{p}self_attn.kv_a_proj_with_mqa.weight"] = np.concatenate([kv_a[:, :cfg.kv_lora_rank], rope_cols], 1).T
+        rope_cols = kv_a[:, att.kv_lora_rank:][:, np.argsort(_rope_perm(r))]
+        sd[f"{p}self_attn.kv_a_proj_with_mqa.weight"] = np.concatenate([kv_a[:, :att.kv_lora_rank], rope_cols], 1).T
         sd[f"{p}self_attn.kv_a_layernorm.weight"] = a["kv_norm"]["scale"]
-        sd[f"{p}self_attn.kv_b_proj.weight"] = a["wkv_b"].reshape(cfg.kv_lora_rank, h * (nope + dv)).T
+        sd[f"{p}self_attn.kv_b_proj.weight"] = a["wkv_b"].reshape(att.kv_lora_rank, h * (nope + dv)).T
         sd[f"{p}self_attn.o_proj.weight"] = a["wo"].reshape(h * dv, cfg.d_model).T
         ffn = {k: (np.asarray(v) if not isinstance(v, dict) else v) for k, v in layer["ffn"].items()}
         if dense:
@@ -238,11 +245,11 @@ def to_hf_state_dict(params: Mapping, router_biases: Mapping, cfg: ModelConfig, 
             sd[f"{p}mlp.experts.gate_up_proj"] = np.concatenate([ffn["wi_gate"], ffn["wi_up"]], 2).transpose(0, 2, 1)
             sd[f"{p}mlp.experts.down_proj"] = ffn["wo"].transpose(0, 2, 1)
         else:
-            for e in range(cfg.num_experts):
+            for e in range(cfg.moe.num_experts):
                 sd[f"{p}mlp.experts.{e}.gate_proj.weight"] = ffn["wi_gate"][e].T
                 sd[f"{p}mlp.experts.{e}.up_proj.weight"] = ffn["wi_up"][e].T
                 sd[f"{p}mlp.experts.{e}.down_proj.weight"] = ffn["wo"][e].T
-        if cfg.num_shared_experts:
+        if cfg.moe.num_shared_experts:
             for name in ("gate", "up", "down"):
                 sd[f"{p}mlp.shared_experts.{name}_proj.weight"] = np.asarray(ffn["shared"][name]).T
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in sd.items()}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.config import ModelConfig
+from k2jax.config import ExecutionConfig, ModelConfig
 from k2jax.model.flash_attention import MIN_BLOCK, flash_attend
 from k2jax.model.flash_attention_tpu import BLOCK as TPU_BLOCK
 from k2jax.model.flash_attention_tpu import flash_attend_tpu
@@ -55,7 +55,7 @@ def attend_per_shard(kernel, q, k, v, segment_ids, scale):
 
     A Pallas kernel is opaque to GSPMD, which would gather the whole batch onto every device
     to run it. Attention is independent per (row, head), so under the mesh the layers are
-    traced with (see train/step.py) each shard runs the kernel on its rows (batch axes) and
+    traced for (`Transformer.__call__`'s mesh) each shard runs the kernel on its rows (batch axes) and
     heads (tensor axis, when the key/value groups split the same way); the per-head max
     logits are then maxed over the batch shards. Same contract as `attend` otherwise.
     """
@@ -85,31 +85,34 @@ def attend_per_shard(kernel, q, k, v, segment_ids, scale):
 class Attention(nnx.Module):
     """x (B, T, D), rope (cos, sin), segment_ids (B, T) -> y (B, T, D), max_logits (H,)."""
 
-    def __init__(self, cfg: ModelConfig, *, stats_key: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, stats_key: str, rngs: nnx.Rngs,
+                 execution: ExecutionConfig = ExecutionConfig()):
         self.cfg = cfg
+        self.impl = execution.attention_impl
         self.scale = softmax_scale(cfg)
-        d, h = cfg.d_model, cfg.num_heads
+        att = cfg.attention
+        d, h = cfg.d_model, att.num_heads
         qk = dict(in_axes=("embed",), stats_key=stats_key)
-        if cfg.attention == "mla":
-            nope, rope, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        if att.kind == "mla":
+            nope, rope, dv = att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
             q_roles = (("q_nope", nope), ("q_rope", rope))
-            if cfg.q_lora_rank > 0:
-                self.wq_a = make_param(rngs, (d, cfg.q_lora_rank), cfg, axes=("embed", "q_lora"), in_axes=("embed",))
-                self.q_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs)
-                self.wq_b = make_param(rngs, (cfg.q_lora_rank, h, nope + rope), cfg,
+            if att.q_lora_rank > 0:
+                self.wq_a = make_param(rngs, (d, att.q_lora_rank), cfg, axes=("embed", "q_lora"), in_axes=("embed",))
+                self.q_norm = RMSNorm(att.q_lora_rank, cfg, rngs)
+                self.wq_b = make_param(rngs, (att.q_lora_rank, h, nope + rope), cfg,
                                        axes=("q_lora", "heads", "head_dim"), in_axes=("q_lora",), qk=q_roles,
                                        stats_key=stats_key)
             else:
                 self.wq = make_param(rngs, (d, h, nope + rope), cfg, axes=("embed", "heads", "head_dim"),
                                      qk=q_roles, **qk)
-            self.wkv_a = make_param(rngs, (d, cfg.kv_lora_rank + rope), cfg, axes=("embed", "kv_lora"),
+            self.wkv_a = make_param(rngs, (d, att.kv_lora_rank + rope), cfg, axes=("embed", "kv_lora"),
                                     in_axes=("embed",))
-            self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg, rngs)
-            self.wkv_b = make_param(rngs, (cfg.kv_lora_rank, h, nope + dv), cfg,
+            self.kv_norm = RMSNorm(att.kv_lora_rank, cfg, rngs)
+            self.wkv_b = make_param(rngs, (att.kv_lora_rank, h, nope + dv), cfg,
                                     axes=("kv_lora", "heads", "head_dim"), in_axes=("kv_lora",),
                                     qk=(("k_nope", nope), ("v", dv)), stats_key=stats_key)
         else:
-            dh, g = cfg.head_dim, cfg.num_kv_heads
+            dh, g = att.head_dim, att.num_kv_heads
             self.wq = make_param(rngs, (d, h, dh), cfg, axes=("embed", "heads", "head_dim"), qk=(("q", dh),), **qk)
             self.wk = make_param(rngs, (d, g, dh), cfg, axes=("embed", "kv_heads", "head_dim"), qk=(("k", dh),),
                                  **qk)
@@ -121,7 +124,7 @@ class Attention(nnx.Module):
     def _fused_kernel(self, seq_len):
         """The fused attention for this platform (Triton on GPU, the library's Mosaic kernel on TPU,
         the Triton kernel interpreted elsewhere), or None for the plain path."""
-        impl, platform = self.cfg.attention_impl, target_platform()
+        impl, platform = self.impl, target_platform()
         if impl == "plain":
             return None
         kernel, block = (flash_attend_tpu, TPU_BLOCK) if platform == "tpu" else (flash_attend, MIN_BLOCK)
@@ -134,14 +137,15 @@ class Attention(nnx.Module):
 
     def _mla_qkv(self, x, cos, sin):
         cfg = self.cfg
-        nope = cfg.qk_nope_head_dim
-        if cfg.q_lora_rank > 0:
+        att = cfg.attention
+        nope = att.qk_nope_head_dim
+        if att.q_lora_rank > 0:
             q = jnp.einsum("btc,chd->bthd", self.q_norm(x @ self._w("wq_a")), self._w("wq_b"))
         else:
             q = jnp.einsum("btd,dhk->bthk", x, self._w("wq"))
         q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], cos, sin)], axis=-1)
         kv_a = x @ self._w("wkv_a")  # (B, T, kv_lora + rope)
-        latent, k_rope = kv_a[..., :cfg.kv_lora_rank], kv_a[..., cfg.kv_lora_rank:]
+        latent, k_rope = kv_a[..., :att.kv_lora_rank], kv_a[..., att.kv_lora_rank:]
         kv = jnp.einsum("btc,chd->bthd", self.kv_norm(latent), self._w("wkv_b"))
         k_nope, v = kv[..., :nope], kv[..., nope:]
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # one rotary key shared by all heads
@@ -150,7 +154,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, rope, segment_ids):
         cos, sin = rope
-        if self.cfg.attention == "mla":
+        if self.cfg.attention.kind == "mla":
             q, k, v = self._mla_qkv(x, cos, sin)
         else:
             q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self._w("wq")), cos, sin)

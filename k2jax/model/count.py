@@ -32,7 +32,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         total += size
         routed += size if _is_routed_expert(info) else 0
         embedding += size if info.kind in ("embedding", "unembedding") else 0
-    active_routed = routed * cfg.experts_per_token // cfg.num_experts if routed else 0
+    active_routed = routed * cfg.moe.experts_per_token // cfg.moe.num_experts if routed else 0
     return {"total": total, "activated": total - routed + active_routed, "embedding": embedding,
             "routed_experts": routed}
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from k2jax.model.grouped import dispatch_ragged, swiglu_grouped
+from k2jax.model.grouped_matmul import dispatch_ragged, swiglu_grouped
 from k2jax.parallel.sharding import logical_spec, spec_axes
 from k2jax.platform import target_platform
 

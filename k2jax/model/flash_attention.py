@@ -235,7 +235,7 @@ def flash_attend(q, k, v, segment_ids, scale, *, block_q=None, block_k=None, int
     block_q, block_k = _tile(t, block_q or default_block), _tile(t, block_k or default_block)
     if not interpret and min(block_q, block_k) < MIN_BLOCK:
         raise ValueError(f"flash attention on GPU needs a sequence length that is a multiple of {MIN_BLOCK}, "
-                         f"got {t} (use model.attention_impl: plain or auto)")
+                         f"got {t} (use execution.attention_impl: plain or auto)")
     out, row_max = _flash(_pad_last(q, d_pad), _pad_last(k, d_pad), _pad_last(v, v_pad),
                           segment_ids.astype(jnp.int32), float(scale), block_q, block_k, bool(interpret))
     max_logits = jnp.max(row_max, axis=(0, 2))  # (B, H, T) -> (H,)

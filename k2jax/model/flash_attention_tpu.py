@@ -70,7 +70,7 @@ def flash_attend_tpu(q, k, v, segment_ids, scale):
     dv = v.shape[-1]
     if t % BLOCK:
         raise ValueError(f"flash attention on TPU needs a sequence length that is a multiple of {BLOCK}, "
-                         f"got {t} (use model.attention_impl: plain or auto)")
+                         f"got {t} (use execution.attention_impl: plain or auto)")
     d = _head_width(dqk, dv)
 
     def heads_first(x):  # (B, T, G, D) -> (B, H, T, d): GQA groups repeated per query head, padded

@@ -1,7 +1,7 @@
 """Mixture-of-Experts FFN: DeepSeek-V3 routing, dropless ragged dispatch, capacity dispatch.
 
 Routing is a pure function (`route`); expert compute either sorts token copies by
-expert and runs a grouped matmul (`grouped.py`; dropless, default; on a mesh that
+expert and runs a grouped matmul (`grouped_matmul.py`; dropless, default; on a mesh that
 splits the tokens, under shard_map with explicit collectives: `expert_parallel.py`,
 which exchanges token copies over the expert axis when the experts are split over it
 and otherwise runs each shard's tokens locally) or packs them into
@@ -14,7 +14,7 @@ that the optimizer never sees, updated by the train step after each step
 load - load)`) or by Quantile Balancing (Kimi K3): the forward pass records, per
 expert, a histogram of the bias each token would need to pick it, and the update
 sets each bias to the value that would have given every expert k/E of the tokens.
-`model.aux_loss_coef` adds a gradient-based balance loss on top (Switch-style for
+`model.moe.aux_loss_coef` adds a gradient-based balance loss on top (Switch-style for
 the softmax router, DeepSeek-V3's sequence-wise one for the sigmoid router).
 """
 
@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.config import ModelConfig
+from k2jax.config import ExecutionConfig, ModelConfig
 from k2jax.model.layers import SwiGLU, dtype_of, make_param
 from k2jax.model.expert_parallel import (Experts, dispatch_all_gather, dispatch_all_to_all, dispatch_local,
                                          expert_parallel_specs, splits_experts)
-from k2jax.model.grouped import dispatch_ragged, grouped_matmul_impl
+from k2jax.model.grouped_matmul import dispatch_ragged, grouped_matmul_impl
 
 
 class RouterBias(nnx.Variable):
@@ -40,23 +40,24 @@ class RouterBias(nnx.Variable):
 def route(logits, bias, cfg: ModelConfig):
     """Router logits (N, E) float32 -> expert ids (N, K) int32, combine weights (N, K) float32."""
     n, e = logits.shape
-    k = cfg.experts_per_token
-    if cfg.router == "sigmoid_bias":
+    moe = cfg.moe
+    k = moe.experts_per_token
+    if moe.router == "sigmoid_bias":
         scores = jax.nn.sigmoid(logits)
         choice = scores + bias  # the bias steers selection only, never the combine weights
-        groups = choice.reshape(n, cfg.num_expert_groups, e // cfg.num_expert_groups)
+        groups = choice.reshape(n, moe.num_expert_groups, e // moe.num_expert_groups)
         group_score = jax.lax.top_k(groups, min(2, groups.shape[-1]))[0].sum(-1)  # (N, G)
-        top_groups = jax.lax.top_k(group_score, cfg.top_groups)[1]
+        top_groups = jax.lax.top_k(group_score, moe.top_groups)[1]
         group_mask = jnp.zeros_like(group_score, bool).at[jnp.arange(n)[:, None], top_groups].set(True)
-        allowed = jnp.repeat(group_mask, e // cfg.num_expert_groups, axis=1)
+        allowed = jnp.repeat(group_mask, e // moe.num_expert_groups, axis=1)
         ids = jax.lax.top_k(jnp.where(allowed, choice, -jnp.inf), k)[1]
         weights = jnp.take_along_axis(scores, ids, axis=1)
     else:
         probs = jax.nn.softmax(logits, axis=-1)
         weights, ids = jax.lax.top_k(probs, k)
-    if cfg.norm_topk_prob:
+    if moe.norm_topk_prob:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return ids.astype(jnp.int32), weights * cfg.routed_scaling_factor
+    return ids.astype(jnp.int32), weights * moe.routed_scaling_factor
 
 
 QB_BINS = 1024  # histogram bins of Quantile Balancing over [min(bias) - 1, max(bias) + 1]
@@ -114,10 +115,11 @@ def sign_bias(bias, expert_counts, rate):
 
 def new_router_bias(bias, stats: dict, cfg: ModelConfig):
     """The selection bias after a step, from that step's MoE stats (expert_counts, balance_hist)."""
-    if cfg.router_balance == "quantile":
-        return quantile_bias(stats["balance_hist"], bias, cfg.experts_per_token).astype(bias.dtype)
-    if cfg.router_balance == "sign":
-        return sign_bias(bias, stats["expert_counts"], cfg.bias_update_rate)
+    moe = cfg.moe
+    if moe.router_balance == "quantile":
+        return quantile_bias(stats["balance_hist"], bias, moe.experts_per_token).astype(bias.dtype)
+    if moe.router_balance == "sign":
+        return sign_bias(bias, stats["expert_counts"], moe.bias_update_rate)
     return bias
 
 
@@ -145,16 +147,18 @@ def dispatch_capacity(x, ids, weights, valid, w_gate, w_up, w_down, capacity_fac
 class MoE(nnx.Module):
     """x (B, T, D), valid (B, T) -> y (B, T, D), stats (expert_counts (E,), aux_loss, z_loss, dropped_fraction)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: ExecutionConfig = ExecutionConfig()):
         self.cfg = cfg
-        d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_ffn_dim
+        self.execution = execution
+        moe = cfg.moe
+        d, e, f = cfg.d_model, moe.num_experts, moe.expert_ffn_dim
         self.router = make_param(rngs, (d, e), cfg, axes=("embed", "experts"), kind="router")
         self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
         expert_in = dict(axes=("experts", "embed", "expert_mlp"), in_axes=("embed",))
         self.wi_gate = make_param(rngs, (e, d, f), cfg, **expert_in)
         self.wi_up = make_param(rngs, (e, d, f), cfg, **expert_in)
         self.wo = make_param(rngs, (e, f, d), cfg, axes=("experts", "expert_mlp", "embed"), in_axes=("expert_mlp",))
-        self.shared = SwiGLU(cfg, cfg.num_shared_experts * f, rngs) if cfg.num_shared_experts else None
+        self.shared = SwiGLU(cfg, moe.num_shared_experts * f, rngs) if moe.num_shared_experts else None
 
     def __call__(self, x, valid):
         cfg = self.cfg
@@ -167,36 +171,38 @@ class MoE(nnx.Module):
         weights = weights * vf[:, None]
         cdt = dtype_of(cfg.compute_dtype)
         experts = Experts(self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
-        mesh = jax.sharding.get_abstract_mesh()  # set by the train/eval step around its trace (else empty)
+        mesh = jax.sharding.get_abstract_mesh()  # Transformer.__call__'s mesh (empty without one)
+        exchange = self.execution.expert_parallel
         ep_specs = None
-        if cfg.moe_dispatch == "ragged" and cfg.expert_parallel != "gspmd":
+        moe = cfg.moe
+        if moe.dispatch == "ragged" and exchange != "gspmd":
             ep_specs = expert_parallel_specs(xf.shape[0], experts.gate.shape, mesh)
-        impl = grouped_matmul_impl(cfg)
-        if cfg.moe_dispatch == "capacity":
-            y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, cfg.capacity_factor)
+        impl = grouped_matmul_impl(self.execution.grouped_matmul)
+        if moe.dispatch == "capacity":
+            y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, moe.capacity_factor)
         elif ep_specs is None:
             y, dropped = dispatch_ragged(xf, ids, weights, *experts, impl)
         elif not splits_experts(ep_specs):
             y, dropped = dispatch_local(xf, ids, weights, experts, mesh, ep_specs, impl)
-        elif cfg.expert_parallel == "all_to_all":
+        elif exchange == "all_to_all":
             y, dropped = dispatch_all_to_all(xf, ids, weights, experts, mesh, ep_specs, impl,
-                                             buffer_factor=cfg.expert_buffer_factor)
+                                             buffer_factor=self.execution.expert_buffer_factor)
         else:
             y, dropped = dispatch_all_gather(xf, ids, weights, experts, mesh, ep_specs, impl)
         if self.shared is not None:
             y = y + self.shared(xf)
         vmask = vf.astype(jnp.float32)
-        counts = jnp.sum(jax.nn.one_hot(ids, cfg.num_experts, dtype=jnp.float32) * vmask[:, None, None], axis=(0, 1))
+        counts = jnp.sum(jax.nn.one_hot(ids, moe.num_experts, dtype=jnp.float32) * vmask[:, None, None], axis=(0, 1))
         stats = {
             "expert_counts": counts,
-            "aux_loss": (cfg.aux_loss_coef * _balance_loss(logits, ids, counts, vmask, b, cfg)
-                         if cfg.aux_loss_coef else jnp.zeros((), jnp.float32)),
-            "z_loss": cfg.router_z_loss_coef * _z_loss(logits, vmask),
+            "aux_loss": (moe.aux_loss_coef * _balance_loss(logits, ids, counts, vmask, b, cfg)
+                         if moe.aux_loss_coef else jnp.zeros((), jnp.float32)),
+            "z_loss": moe.router_z_loss_coef * _z_loss(logits, vmask),
             "dropped_fraction": jnp.asarray(dropped, jnp.float32),
         }
-        if cfg.router == "sigmoid_bias" and cfg.router_balance == "quantile":
+        if moe.router == "sigmoid_bias" and moe.router_balance == "quantile":
             scores = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
-            stats["balance_hist"] = balance_histogram(scores, bias, vmask, cfg.experts_per_token)
+            stats["balance_hist"] = balance_histogram(scores, bias, vmask, moe.experts_per_token)
         return y.reshape(b, t, d).astype(x.dtype), stats
 
 
@@ -209,8 +215,9 @@ def _balance_loss(logits, ids, counts, vmask, batch: int, cfg: ModelConfig):
     sum_e f_e P_e with f_e = E / (K T) * (tokens of the sequence picking e) and P_e the mean of
     e's score normalised over experts; only P_e carries gradient.
     """
-    e, k = cfg.num_experts, cfg.experts_per_token
-    if cfg.router == "softmax_topk":
+    moe = cfg.moe
+    e, k = moe.num_experts, moe.experts_per_token
+    if moe.router == "softmax_topk":
         n_valid = jnp.maximum(jnp.sum(vmask), 1.0)
         f = counts / (n_valid * k)
         p = jnp.sum(jax.nn.softmax(logits, axis=-1) * vmask[:, None], axis=0) / n_valid

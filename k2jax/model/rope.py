@@ -18,7 +18,7 @@ from k2jax.config import ModelConfig, YarnConfig
 
 
 def rotary_dim(cfg: ModelConfig) -> int:
-    return cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+    return cfg.attention.qk_rope_head_dim if cfg.attention.kind == "mla" else cfg.attention.head_dim
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -48,7 +48,7 @@ def inv_frequencies(dim: int, theta: float, yarn: YarnConfig | None) -> tuple[np
 
 def rope_tables(cfg: ModelConfig, positions):
     """positions (B, T) int -> (cos, sin), each float32 (B, T, R/2)."""
-    inv_freq, amplitude = inv_frequencies(rotary_dim(cfg), cfg.rope_theta, cfg.yarn)
+    inv_freq, amplitude = inv_frequencies(rotary_dim(cfg), cfg.attention.rope_theta, cfg.attention.yarn)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     return jnp.cos(angles) * amplitude, jnp.sin(angles) * amplitude
 
@@ -62,7 +62,7 @@ def apply_rope(x, cos, sin):
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    scale = cfg.qk_head_dim**-0.5
-    if cfg.attention == "mla" and cfg.yarn is not None and cfg.yarn.factor > 1.0:
-        scale *= yarn_mscale(cfg.yarn.factor, cfg.yarn.mscale_all_dim) ** 2
+    scale = cfg.attention.qk_head_dim**-0.5
+    if cfg.attention.kind == "mla" and cfg.attention.yarn is not None and cfg.attention.yarn.factor > 1.0:
+        scale *= yarn_mscale(cfg.attention.yarn.factor, cfg.attention.yarn.mscale_all_dim) ** 2
     return scale

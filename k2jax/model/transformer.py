@@ -7,11 +7,13 @@ per-layer, per-head max attention logits (for QK-Clip), per-layer expert loads
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.config import ModelConfig
+from k2jax.config import ExecutionConfig, ModelConfig
 from k2jax.model.attention import Attention
 from k2jax.model.layers import Embed, RMSNorm, SwiGLU, make_param
 from k2jax.model.moe import MoE, new_router_bias
@@ -27,12 +29,12 @@ _REMAT_POLICIES = {
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)) (dense or MoE)."""
 
-    def __init__(self, cfg: ModelConfig, *, moe: bool, stats_key: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, *, moe: bool, stats_key: str, rngs: nnx.Rngs):
         self.is_moe = moe
         self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.attn = Attention(cfg, stats_key=stats_key, rngs=rngs)
+        self.attn = Attention(cfg, stats_key=stats_key, rngs=rngs, execution=execution)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.ffn = MoE(cfg, rngs) if moe else SwiGLU(cfg, cfg.dense_ffn_dim, rngs)
+        self.ffn = MoE(cfg, rngs, execution) if moe else SwiGLU(cfg, cfg.dense_ffn_dim, rngs)
 
     def __call__(self, x, rope, segment_ids):
         h, max_logits = self.attn(self.attn_norm(x), rope, segment_ids)  # (B, T, D), (H,)
@@ -44,22 +46,28 @@ class Block(nnx.Module):
         return x + h, {"max_logits": max_logits, **moe_stats}
 
 
-def _stacked_blocks(cfg: ModelConfig, n: int, moe: bool, key: str, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(cfg: ModelConfig, execution: ExecutionConfig, n: int, moe: bool, key: str,
+                    rngs: nnx.Rngs) -> Block:
     """n blocks with parameters stacked on a leading "layers" axis (for nnx.scan)."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
-        return Block(cfg, moe=moe, stats_key=key, rngs=rngs)
+        return Block(cfg, execution, moe=moe, stats_key=key, rngs=rngs)
 
     return make(rngs)
 
 
 class Transformer(nnx.Module):
-    """tokens (B, T) -> logits (B, T, V), stats."""
+    """tokens (B, T) -> logits (B, T, V), stats.
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    `cfg` says what the model computes, `execution` how (kernels, recomputation, the expert exchange);
+    the parameters do not depend on `execution`.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: ExecutionConfig = ExecutionConfig()):
         self.cfg = cfg
+        self.execution = execution
         self.embed = Embed(cfg, rngs)
         self.dense_layers = self._make_stack(DENSE, cfg.num_dense_layers, False, rngs)
         self.moe_layers = self._make_stack(MOE, cfg.num_moe_layers, True, rngs)
@@ -72,8 +80,9 @@ class Transformer(nnx.Module):
         if n == 0:
             return None
         if self.cfg.scan_layers:
-            return _stacked_blocks(self.cfg, n, moe, name, rngs)
-        return nnx.List([Block(self.cfg, moe=moe, stats_key=f"{name}.{i}", rngs=rngs) for i in range(n)])
+            return _stacked_blocks(self.cfg, self.execution, n, moe, name, rngs)
+        return nnx.List([Block(self.cfg, self.execution, moe=moe, stats_key=f"{name}.{i}", rngs=rngs)
+                         for i in range(n)])
 
     def _run_stack(self, name, stack, x, rope, segment_ids, stats):
         if stack is None:
@@ -92,12 +101,20 @@ class Transformer(nnx.Module):
         return x
 
     def _maybe_remat(self, fn):
-        if self.cfg.remat == "none":
+        if self.execution.remat == "none":
             return fn
-        return nnx.remat(fn, policy=_REMAT_POLICIES[self.cfg.remat])
+        return nnx.remat(fn, policy=_REMAT_POLICIES[self.execution.remat])
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, mesh=None):
         """tokens, positions, segment_ids: int32 (B, T); segment 0 marks padding.
+
+        mesh: the device mesh (Mesh or AbstractMesh) the call is traced for, on which the parameters
+        and tokens live (as the train step places them). With one, the layers lay out their work on
+        it explicitly: the MoE exchanges tokens with collectives under shard_map
+        (execution.expert_parallel), the flash kernels run per shard, the embedding gathers its FSDP
+        shards first. Without one the model is a single program, which GSPMD partitions as it can
+        (slower on a mesh, same results). The layers read it as the ambient abstract mesh, which this
+        call sets; a caller may instead set it (`jax.sharding.use_abstract_mesh`) around the call.
 
         Returns logits (B, T, V) in float32 and a stats dict:
           max_logits[key]: (L, H) or (H,) float32, keyed like the params' stats_key;
@@ -105,6 +122,10 @@ class Transformer(nnx.Module):
           balance_hist[key]: (L, E, QB_BINS) or (E, QB_BINS), with router_balance=quantile;
           aux_loss, z_loss: scalars summed over layers; dropped_fraction: mean over MoE layers.
         """
+        with _traced_for(mesh):
+            return self._forward(tokens, positions, segment_ids)
+
+    def _forward(self, tokens, positions, segment_ids):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -132,12 +153,23 @@ class Transformer(nnx.Module):
 
     def update_router_biases(self, stats: dict) -> None:
         """Move each MoE layer's selection bias toward equal load (sigmoid router), per
-        model.router_balance, from a step's stats (expert_counts and, for quantile, balance_hist)."""
-        if self.cfg.router != "sigmoid_bias":
+        model.moe.router_balance, from a step's stats (expert_counts and, for quantile, balance_hist)."""
+        if self.cfg.moe.router != "sigmoid_bias":
             return
         for key, block in self.moe_blocks():
             layer_stats = {name: stats[name][key] for name in ("expert_counts", "balance_hist") if key in stats[name]}
             block.ffn.bias.value = new_router_bias(block.ffn.bias.value, layer_stats, self.cfg)
+
+
+def _traced_for(mesh):
+    """The context that makes `mesh` the ambient abstract mesh the layers read (nothing for None)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    abstract = getattr(mesh, "abstract_mesh", mesh)
+    ambient = jax.sharding.get_abstract_mesh()
+    if not ambient.empty and ambient != abstract:
+        raise ValueError(f"Transformer called with mesh {abstract} inside another ambient mesh {ambient}")
+    return jax.sharding.use_abstract_mesh(abstract)
 
 
 def _collect_stats(per_layer: dict) -> dict:

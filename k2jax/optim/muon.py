@@ -111,13 +111,14 @@ def scale_by_muon_with(orthogonalise, **muon_kwargs) -> optax.GradientTransforma
 def muon_or_adamw(learning_rate, infos, cfg: OptimConfig, use_muon=True, *, adam_learning_rate=None,
                   owner_mesh=None) -> optax.GradientTransformation:
     """optax.partition of Muon (matrices) and AdamW (everything else, or everything if not use_muon),
-    with cfg's hyper-parameters. learning_rate, adam_learning_rate: numbers or schedules (None:
-    learning_rate); cfg's rate and schedule fields are make_optimizer's, not read here.
+    with cfg's hyper-parameters. learning_rate, adam_learning_rate: numbers or schedules (make_optimizer
+    builds them from cfg's rate and schedule fields); adam_learning_rate None: cfg.adam_learning_rate,
+    else learning_rate.
     cfg.ns_dtype: "float32" (optax's iterations) or "bfloat16" (optax's momentum and normalisation,
     then the iterations in bfloat16). owner_mesh: a mesh of several devices on which each matrix
     is orthogonalised once, by its owner device (`owner.py`); None: optax's path as is (one
     device, or GSPMD partitioning it)."""
-    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    adam_lr = next(lr for lr in (adam_learning_rate, cfg.adam_learning_rate, learning_rate) if lr is not None)
     label_tree = labels(infos, use_muon)
 
     def masked_dim_nums(updates):  # same structure as the muon partition (MaskedNode elsewhere)

@@ -10,8 +10,8 @@ A sweep file (experiments/sweeps/*.yaml):
     grid:                                    # the cartesian product of the axes
       optim.name: [muon, adamw]              # a config key -> its values
       size:                                  # any other name -> named bundles of overrides
-        d64: {model.d_model: 64, model.num_heads: 2}
-        d128: {model.d_model: 128, model.num_heads: 4}
+        d64: {model.d_model: 64, model.attention.num_heads: 2}
+        d128: {model.d_model: 128, model.attention.num_heads: 4}
 
 Each run trains into out_dir/RUN (RUN joins the axis values); a run with a
 summary.json is finished and skipped, one with checkpoints but no summary, or a
@@ -30,7 +30,7 @@ import shlex
 from pathlib import Path
 
 from k2jax.config import Config, ConfigError, load_config, read_yaml
-from k2jax.train import flops as flops_lib
+from k2jax.model import flops as flops_lib
 from k2jax.train.checkpoint import finished_steps
 
 RESULT_FIELDS = ("run", "params_total", "params_activated", "tokens", "flops", "attention_flops", "final_loss",

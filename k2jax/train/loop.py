@@ -32,9 +32,9 @@ from tqdm import tqdm
 from k2jax.config import Config, ConfigError, from_dict, to_dict, with_legacy_values
 from k2jax.data import corpus as corpus_lib
 from k2jax.data import pipeline, prepared, tokenizer as tokenizer_lib
+from k2jax.model import flops as flops_lib
 from k2jax.parallel import distributed
 from k2jax.parallel.sharding import batch_sharding
-from k2jax.train import flops as flops_lib
 from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag, finished_steps, saved_config, warn
 from k2jax.train.metrics import LoadMonitor, MetricsWriter, plot_run
 from k2jax.train.step import abstract_batch, abstract_state, init_train_state, make_eval_step, make_train_step
@@ -57,14 +57,13 @@ class Preempted(RuntimeError):
 # What a resumed run may change: how it executes, how long it runs, what it logs and keeps, and the
 # optimizer's settings (not its kind, whose state would not match). Everything else must match the
 # checkpoint: the model's math and its data.
-_RESUMABLE = {"model.remat", "model.attention_impl", "model.expert_parallel", "model.grouped_matmul",
-              "model.expert_buffer_factor", "train.steps", "train.grad_accum", "train.eval_every",
-              "train.eval_batches", "train.log_every", "train.progress", "train.out_dir"}
+_RESUMABLE_TRAIN = {"steps", "grad_accum", "eval_every", "eval_batches", "log_every", "progress", "out_dir"}
 
 
 def _resumable(key: str) -> bool:
     section, _, name = key.partition(".")
-    return key in _RESUMABLE or section in ("mesh", "checkpoint") or (section == "optim" and name != "name")
+    return (section in ("execution", "mesh", "checkpoint") or (section == "train" and name in _RESUMABLE_TRAIN)
+            or (section == "optim" and name != "name"))
 
 
 def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path]:

@@ -106,7 +106,7 @@ class LoadMonitor:
                 self._warned.add(layer)
                 warnings.append(f"warning: MoE layer {layer} has sent over {self.limit:g}x the mean load to one "
                                 f"expert since step {since} (now {ratio:.1f}x): routing is collapsing; see "
-                                f"expert_load_max_per_layer in metrics.jsonl and model.router_balance")
+                                f"expert_load_max_per_layer in metrics.jsonl and model.moe.router_balance")
         if step > self.settle:
             if not self._sums:
                 self._sums = [0.0] * len(max_per_layer)

@@ -53,7 +53,7 @@ def _setup_and_init(cfg: Config, mesh: Mesh | None) -> tuple[TrainSetup, Callabl
     seed = cfg.train.seed
 
     def init():
-        _, params, rest = nnx.split(Transformer(cfg.model, nnx.Rngs(seed)), nnx.Param, ...)
+        _, params, rest = nnx.split(Transformer(cfg.model, nnx.Rngs(seed), cfg.execution), nnx.Param, ...)
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": nnx.to_pure_dict(params),
@@ -62,8 +62,8 @@ def _setup_and_init(cfg: Config, mesh: Mesh | None) -> tuple[TrainSetup, Callabl
             "rng": jax.random.key_data(jax.random.key(seed)),
         }
 
-    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(seed))),
-                                             nnx.Param, ...)
+    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(seed), cfg.execution))
+    graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     infos = param_info(abstract_params)
     tx = make_optimizer(cfg.optim, infos, cfg.train.steps, mesh)
     abstract = jax.eval_shape(init)
@@ -108,26 +108,12 @@ def token_losses(logits, targets, mask):
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def _forward(graphdef, params, model_state, batch: Batch):
+def _forward(graphdef, params, model_state, batch: Batch, mesh):
     model = nnx.merge(graphdef, params, model_state)
-    logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"], mesh=mesh)
     mask = (batch["segment_ids"] > 0).astype(jnp.float32)
     nll_sum, count = token_losses(logits, batch["targets"], mask)
     return nll_sum, count, stats
-
-
-def _with_mesh(mesh):
-    """Trace fn with `mesh` as the abstract mesh, so layers can lay out explicit collectives (MoE)."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def traced(*args):
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                return fn(*args)
-
-        return traced
-
-    return wrap
 
 
 def valid_tokens(batch: Batch):
@@ -145,7 +131,7 @@ def _accumulated_grads(cfg: Config, setup: TrainSetup):
     graphdef, n_micro = setup.graphdef, cfg.train.grad_accum
 
     def micro_loss(params, model_state, micro, n_valid):
-        nll_sum, count, stats = _forward(graphdef, params, model_state, micro)
+        nll_sum, count, stats = _forward(graphdef, params, model_state, micro, setup.mesh)
         router_loss = (stats["aux_loss"] + stats["z_loss"]) / n_micro
         return nll_sum / n_valid + router_loss, (nll_sum, stats)
 
@@ -196,7 +182,7 @@ def make_grad_step(cfg: Config, setup: TrainSetup):
     (params, model_state, batch) -> (grads, summed token NLL, stats)."""
     batch_sh = _check_batch_split(cfg, setup.mesh)
     sh = setup.shardings
-    return jax.jit(_with_mesh(setup.mesh)(_accumulated_grads(cfg, setup)),
+    return jax.jit(_accumulated_grads(cfg, setup),
                    in_shardings=(sh["params"], sh["model_state"], batch_sh),
                    out_shardings=(sh["params"], replicated(setup.mesh), replicated(setup.mesh)))
 
@@ -217,7 +203,6 @@ def make_train_step(cfg: Config, setup: TrainSetup):
     n_micro = cfg.train.grad_accum
     grads_fn = _accumulated_grads(cfg, setup)
 
-    @_with_mesh(setup.mesh)
     def train_step(state, batch: Batch):
         n_valid = valid_tokens(batch)
         grads, nll_total, stats = grads_fn(state["params"], state["model_state"], batch)
@@ -269,9 +254,8 @@ def _merge_stats(a: dict, b: dict) -> dict:
 def make_eval_step(setup: TrainSetup):
     """Jitted eval_step(params, model_state, batch) -> (sum of token NLL, token count)."""
 
-    @_with_mesh(setup.mesh)
     def eval_step(params, model_state, batch: Batch):
-        nll_sum, count, _ = _forward(setup.graphdef, params, model_state, batch)
+        nll_sum, count, _ = _forward(setup.graphdef, params, model_state, batch, setup.mesh)
         return nll_sum, count
 
     return jax.jit(eval_step, out_shardings=replicated(setup.mesh))

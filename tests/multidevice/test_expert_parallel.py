@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from k2jax.config import MeshConfig
 from k2jax.model.expert_parallel import (ExpertSpecs, Experts, buffer_rows, dispatch_all_gather, dispatch_all_to_all,
                                          dispatch_local, expert_parallel_specs, splits_experts)
-from k2jax.model.grouped import dispatch_ragged
+from k2jax.model.grouped_matmul import dispatch_ragged
 from k2jax.parallel.sharding import make_mesh
 from k2jax.platform import lowering_for
 
@@ -131,3 +131,34 @@ def test_expert_parallel_specs():
     for axes, rows in [(dict(data=1), N), (dict(data=1, tensor=8), N), (dict(data=2, expert=4), 2)]:
         devices = jax.devices()[:np.prod(list(axes.values()))]
         assert expert_parallel_specs(rows, (E, D, F), make_mesh(MeshConfig(**axes), devices)) is None, axes
+
+
+def test_the_models_mesh_argument_decides_the_layout_not_the_values():
+    """Transformer(...)(tokens, mesh=mesh) under a caller's own jit lays the MoE out with shard_map
+    (the step's path); without a mesh it is one GSPMD program. Same logits and statistics either way;
+    a mesh that contradicts an ambient one is refused."""
+    from flax import nnx
+
+    from k2jax.config import PRESETS, replace
+    from k2jax.model.transformer import Transformer
+    from k2jax.parallel.sharding import batch_sharding, replicated
+
+    cfg = replace(PRESETS["tiny"], {"compute_dtype": "float32"})
+    model = Transformer(cfg, nnx.Rngs(0))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, expert=2))
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, replicated(mesh))  # the arrays live on the mesh, as in the train step
+    tokens = jax.device_put(jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size),
+                            batch_sharding(mesh, (8, 16)))
+
+    def forward(state, tokens, mesh=None):
+        return nnx.merge(graphdef, state)(tokens, mesh=mesh)
+
+    with_mesh = jax.jit(lambda s, t: forward(s, t, mesh))
+    assert "shard_map" in str(jax.make_jaxpr(with_mesh)(state, tokens))
+    assert "shard_map" not in str(jax.make_jaxpr(forward)(state, tokens))
+    (a, sa), (b, sb) = with_mesh(state, tokens), jax.jit(forward)(state, tokens)
+    _check((a, sa["max_logits"], sa["expert_counts"]), (b, sb["max_logits"], sb["expert_counts"]), "mesh vs none")
+    other = make_mesh(MeshConfig(data=8))
+    with jax.sharding.use_abstract_mesh(other.abstract_mesh), pytest.raises(ValueError, match="another ambient mesh"):
+        jax.make_jaxpr(with_mesh)(state, tokens)

@@ -1,6 +1,5 @@
 """Owner-sharded Muon (k2jax/optim/owner.py) on meshes of 8 fake CPU devices against one device."""
 
-import dataclasses
 import re
 
 import jax
@@ -10,8 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from k2jax.config import MeshConfig, OptimConfig, load_config
-from k2jax.model.presets import PRESETS
+from k2jax.config import PRESETS, MeshConfig, OptimConfig, load_config, replace
 from k2jax.model.transformer import Transformer
 from k2jax.optim import make_optimizer
 from k2jax.optim.muon import newton_schulz_flops
@@ -22,7 +20,7 @@ from k2jax.train.step import init_train_state, make_train_step
 
 # the real model's tree: scanned layers, stacked experts, a one-layer stack (fewer matrices than
 # devices), MLA with a query latent, and a kv latent (20) that fsdp 8 does not divide
-CFG = dataclasses.replace(PRESETS["tiny"], compute_dtype="float32", q_lora_rank=32, kv_lora_rank=20)
+CFG = replace(PRESETS["tiny"], {"compute_dtype": "float32", "attention.q_lora_rank": 32, "attention.kv_lora_rank": 20})
 _state = nnx.state(Transformer(CFG, nnx.Rngs(0)), nnx.Param)
 PARAMS, INFOS = nnx.to_pure_dict(_state), param_info(_state)
 GRADS = jax.tree.map(lambda p: jnp.cos(p * 7.0), PARAMS)

@@ -1,6 +1,5 @@
 """MuonClip and the whole train step on meshes of 8 fake CPU devices against one device."""
 
-import dataclasses
 import re
 
 import chex
@@ -11,8 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from k2jax.config import ConfigError, MeshConfig, OptimConfig, load_config
-from k2jax.model.presets import PRESETS
+from k2jax.config import PRESETS, ConfigError, MeshConfig, OptimConfig, load_config, replace
 from k2jax.model.transformer import Transformer
 from k2jax.optim import make_optimizer
 from k2jax.parallel.sharding import logical_spec, make_mesh, opt_state_shardings, param_shardings
@@ -27,7 +25,7 @@ FULL_REMAT = "Involuntary full rematerialization"
 
 def test_muonclip_on_sharded_params_matches_one_device():
     # q_lora_rank: MLA's wq_b as well as wkv_b, both split over fsdp by their latent rank
-    cfg = dataclasses.replace(PRESETS["tiny"], compute_dtype="float32", q_lora_rank=32)
+    cfg = replace(PRESETS["tiny"], {"compute_dtype": "float32", "attention.q_lora_rank": 32})
     model = Transformer(cfg, nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     params, infos = nnx.to_pure_dict(state), param_info(state)
@@ -73,7 +71,7 @@ def runs(tiny_batch, stderr_of):
     The tensor-split mesh exchanges token copies by all-to-all, the expert-split ones by all-gather;
     without an expert axis each shard runs its own tokens through all experts."""
     cfg = load_config("experiments/tiny.yaml", CFG)
-    a2a = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, expert_parallel="all_to_all"))
+    a2a = replace(cfg, {"execution.expert_parallel": "all_to_all"})
 
     def train():
         out = {}

@@ -16,7 +16,6 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.megablox.ops import backend as megablox  # the gmm module
 from jax.sharding import PartitionSpec as P
 
-from k2jax.config import ModelConfig
 from k2jax.platform import target_platform
 
 TILE_ROWS = 64  # rows per tile of the tiled grouped matmul
@@ -165,7 +164,7 @@ def _swiglu_megablox(xs, gate, up, down, group_sizes, *, tm: int | None = None, 
     Shapes the kernels need, padded here with zeros (sliced off after; no-ops for the presets):
     M to a multiple of the row tile; D or F past 1024 that is no multiple of 128 to one.
     Where GSPMD partitions the call (a mesh axis of several devices not manual here:
-    model.expert_parallel=gspmd, or a mesh that splits no tokens), which it cannot do for a
+    execution.expert_parallel=gspmd, or a mesh that splits no tokens), which it cannot do for a
     Mosaic kernel, this is `_swiglu_ragged`.
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -193,12 +192,12 @@ def swiglu_grouped(impl: str):
     return {"tiled": _swiglu_tiled, "megablox": _swiglu_megablox}.get(impl, _swiglu_ragged)
 
 
-def grouped_matmul_impl(cfg: ModelConfig) -> str:
-    """"ragged_dot", "tiled" or "megablox" for cfg.grouped_matmul ("auto": tiled on CPU, where
+def grouped_matmul_impl(choice: str) -> str:
+    """"ragged_dot", "tiled" or "megablox" for execution.grouped_matmul ("auto": tiled on CPU, where
     ragged_dot is lowered densely over all experts; megablox on TPU, where ragged_dot's weight
     gradient is; XLA's ragged dot on GPU)."""
-    if cfg.grouped_matmul != "auto":
-        return cfg.grouped_matmul
+    if choice != "auto":
+        return choice
     return {"cpu": "tiled", "tpu": "megablox"}.get(target_platform(), "ragged_dot")
 
 

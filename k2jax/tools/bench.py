@@ -1,5 +1,5 @@
 """Whole-train-step benchmark: MuonClip against plain Muon and AdamW on the same model and batch,
-or any config key's values against each other (`--compare model.attention_impl=plain,flash`).
+or any config key's values against each other (`--compare execution.attention_impl=plain,flash`).
 
 Each variant gets its own state and compiled step; steps are then timed round-robin
 (one step of each per round) so all see the same machine load, and the medians are
@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from k2jax.config import Config
+from k2jax.model import flops as flops_lib
 from k2jax.optim.muon import newton_schulz_flops
 from k2jax.parallel.sharding import batch_sharding
-from k2jax.train import flops as flops_lib
 from k2jax.train.step import init_train_state, make_train_step
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
@@ -62,7 +62,8 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2,
         for _ in range(warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
-        ns_flops = newton_schulz_flops(setup.infos, state["params"], use_muon=run_cfg.optim.name != "adamw")
+        ns_flops = newton_schulz_flops(setup.infos, state["params"], run_cfg.optim.ns_steps,
+                                       use_muon=run_cfg.optim.name != "adamw")
         runs[name] = {"step": step, "state": state, "batch": batch, "times": [], "compile_s": compile_s,
                       "cfg": run_cfg, "ns_flops": ns_flops}
     for _ in range(steps):  # round-robin: every variant sees the same load
@@ -96,7 +97,7 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2,
 
 def format_table(rows: list[dict], cfg: Config) -> str:
     device = jax.devices()[0]
-    lines = [f"{cfg.model.num_layers} layers, d_model {cfg.model.d_model}, {cfg.model.num_experts} experts; "
+    lines = [f"{cfg.model.num_layers} layers, d_model {cfg.model.d_model}, {cfg.model.moe.num_experts} experts; "
              f"batch {cfg.train.batch_size} x {cfg.data.seq_len}; {jax.device_count()} x {device.device_kind}",
              f"model FLOPs/token {rows[0]['model_flops_per_token']:.3e} "
              f"(attention {rows[0]['attention_flops_per_token']:.3e})",

@@ -20,13 +20,13 @@ from pathlib import Path
 import jax
 
 from k2jax.config import Config
+from k2jax.model.flops import flops_per_token, param_counts
 from k2jax.optim.muon import newton_schulz_flops
 from k2jax.optim.owner import owner_newton_schulz_flops
 from k2jax.parallel.sharding import make_mesh
 from k2jax.parallel.topology import Slice, tpu_slice
 from k2jax.platform import lowering_for
-from k2jax.train import hlo_stats
-from k2jax.train.flops import flops_per_token, param_counts
+from k2jax.tools import hlo_stats
 from k2jax.train.step import abstract_batch, abstract_train_state, make_grad_step, make_train_step, make_update_step
 
 PARTS = ("step", "grads", "update")

@@ -10,14 +10,15 @@ from k2jax.config import ModelConfig
 
 
 def attention_params(cfg: ModelConfig) -> int:
-    d, h = cfg.d_model, cfg.num_heads
-    if cfg.attention == "mla":
-        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * qk if cfg.q_lora_rank else d * h * qk
-        kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
-        kv += cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-        return q + kv + h * cfg.v_head_dim * d
-    return d * h * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2
+    att = cfg.attention
+    d, h = cfg.d_model, att.num_heads
+    if att.kind == "mla":
+        qk = att.qk_nope_head_dim + att.qk_rope_head_dim
+        q = d * att.q_lora_rank + att.q_lora_rank + att.q_lora_rank * h * qk if att.q_lora_rank else d * h * qk
+        kv = d * (att.kv_lora_rank + att.qk_rope_head_dim) + att.kv_lora_rank
+        kv += att.kv_lora_rank * h * (att.qk_nope_head_dim + att.v_head_dim)
+        return q + kv + h * att.v_head_dim * d
+    return d * h * att.head_dim * 2 + d * att.num_kv_heads * att.head_dim * 2
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -25,14 +26,15 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     d = cfg.d_model
     per_layer_common = attention_params(cfg) + 2 * d  # + two RMSNorm scales
     dense_ffn = 3 * d * cfg.dense_ffn_dim
-    expert = 3 * d * cfg.expert_ffn_dim
-    shared = cfg.num_shared_experts * expert
-    router = d * cfg.num_experts
+    moe = cfg.moe
+    expert = 3 * d * moe.expert_ffn_dim
+    shared = moe.num_shared_experts * expert
+    router = d * moe.num_experts
     embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     dense_layers = cfg.num_dense_layers * (per_layer_common + dense_ffn)
     moe_common = cfg.num_moe_layers * (per_layer_common + shared + router)
-    routed = cfg.num_moe_layers * cfg.num_experts * expert
-    active_routed = cfg.num_moe_layers * cfg.experts_per_token * expert
+    routed = cfg.num_moe_layers * moe.num_experts * expert
+    active_routed = cfg.num_moe_layers * moe.experts_per_token * expert
     base = embedding + d + dense_layers + moe_common  # + final norm
     return {"total": base + routed, "activated": base + active_routed, "embedding": embedding,
             "routed_experts": routed}
@@ -49,7 +51,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     counts = param_counts(cfg)
     lookup = cfg.vocab_size * cfg.d_model
     matmul = 6.0 * (counts["activated"] - lookup)
-    attention = 6.0 * cfg.num_layers * cfg.num_heads * (cfg.qk_head_dim + cfg.v_dim) * seq_len / 2
+    att = cfg.attention
+    attention = 6.0 * cfg.num_layers * att.num_heads * (att.qk_head_dim + att.v_dim) * seq_len / 2
     return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
