@@ -154,13 +154,8 @@ def cmd_analyze(args) -> int:
 
 def cmd_sample(args) -> int:
     from k2jax.generate import load_run
-    from k2jax.train.checkpoint import CheckpointError
 
-    try:
-        run = load_run(args.run_dir, args.step)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"cannot load {args.run_dir}: {e}", file=sys.stderr)
-        return 2
+    run = load_run(args.run_dir, args.step)  # a CheckpointError exits 3, naming the directory
     end = len(run.prompt_ids(args.prompt)) + args.tokens
     if end > run.config.data.seq_len:
         print(f"warning: prompt and new tokens reach position {end}, past the {run.config.data.seq_len} tokens "
@@ -178,18 +173,13 @@ def cmd_export(args) -> int:
     from flax import nnx
 
     from k2jax.generate import load_run
-    from k2jax.interop.deepseek_v3 import InteropError, config_to_hf, save_hf_checkpoint
-    from k2jax.train.checkpoint import CheckpointError
+    from k2jax.interop.deepseek_v3 import config_to_hf, save_hf_checkpoint
 
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export: {out} already exists and is not an empty directory; choose a new OUT_DIR")
-    try:
-        run = load_run(args.run_dir, args.step)
-        config_to_hf(run.config.model)  # a model the layout cannot hold is refused before anything is written
-    except (CheckpointError, FileNotFoundError, InteropError) as e:
-        print(f"cannot export {args.run_dir}: {e}", file=sys.stderr)
-        return 2
+    run = load_run(args.run_dir, args.step)  # a CheckpointError exits 3
+    config_to_hf(run.config.model)  # a model the layout cannot hold (InteropError, exit 2) before anything is written
     _, params, rest = nnx.split(run.model, nnx.Param, ...)
     save_hf_checkpoint(out, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), run.config.model,
                        fused_experts=args.fused_experts)

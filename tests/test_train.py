@@ -300,6 +300,10 @@ def test_export_writes_a_model_transformers_loads_and_sample_warns_past_the_trai
                                rtol=2e-4, atol=2e-4)
     assert main(["export", str(out), str(hf_dir)]) == 2  # never writes into an existing export
     assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), str(tmp_path / "hf2")]) == 3  # not a run directory: a checkpoint error
+    assert main(["sample", str(tmp_path)]) == 3
+    assert f"k2jax sample: {tmp_path} is not a run directory (no config.yaml)" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists()
     # the run trained on rows of 64 tokens (data.seq_len): sampling past them says so
     assert main(["sample", str(out), "--prompt", "def ", "--tokens", "70", "--temperature", "0"]) == 0
     assert "reach position 75, past the 64 tokens per row this run trained on" in capsys.readouterr().err

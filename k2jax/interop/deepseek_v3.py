@@ -26,6 +26,8 @@ from k2jax.config import AttentionConfig, ModelConfig, MoEConfig, YarnConfig
 class InteropError(ValueError):
     """A Hugging Face state dict or config does not fit the k2jax model."""
 
+    exit_code = 2  # of the CLI: an input error
+
 
 def config_from_hf(hf: Mapping) -> ModelConfig:
     """ModelConfig from a DeepSeek-V3 / Kimi-K2 config.json dict."""

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -368,7 +369,7 @@ class _Steps:
         """Warn when an MoE layer keeps sending one expert far more than the mean load."""
         for warning in self.loads.update(info.step, info.record.get("expert_load_max_per_layer", [])):
             if self.primary:
-                tqdm.write(warning)
+                tqdm.write(warning, file=sys.stderr)  # beside the other warnings, clear of the progress bar
 
     def _show_progress(self, info: _StepInfo) -> None:
         record = info.record
