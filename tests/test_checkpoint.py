@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +33,8 @@ def test_round_trip_async(tmp_path):
     ckpt.save(3, state, {"next_index": 17}, {"model": {"d_model": 8}})
     ckpt.wait()
     restored, data, cfg = ckpt.restore(_abstract(state))
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
-    assert restored["params"]["b16"].dtype == jnp.bfloat16
+    chex.assert_trees_all_equal(restored, state)
+    chex.assert_trees_all_equal_dtypes(restored, state)  # bfloat16 leaves come back bfloat16
     assert data == {"next_index": 17} and cfg == {"model": {"d_model": 8}}
     ckpt.close()
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,15 +47,16 @@ def test_shapes_dtypes_and_stats_contract(model_and_fwd):
     cfg, model, fwd = model_and_fwd
     pos, seg = _pos_seg([[T], [10, 4]])
     logits, stats = fwd(model, _tokens(), pos, seg)
-    assert logits.shape == (B, T, cfg.vocab_size) and logits.dtype == jnp.float32
-    assert np.isfinite(np.asarray(logits)).all()
+    chex.assert_shape(logits, (B, T, cfg.vocab_size))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
     # every q/k projection's stats_key is present with shape (*layers, H)
     infos = jax.tree.leaves(param_info(nnx.state(model, nnx.Param)), is_leaf=is_info)
     keys = {i.stats_key for i in infos if i.qk is not None}
     assert keys == set(stats["max_logits"]) == {"dense_layers", "moe_layers"}
-    assert stats["max_logits"]["moe_layers"].shape == (cfg.num_moe_layers, cfg.attention.num_heads)
+    chex.assert_shape(stats["max_logits"]["moe_layers"], (cfg.num_moe_layers, cfg.attention.num_heads))
     counts = stats["expert_counts"]["moe_layers"]
-    assert counts.shape == (cfg.num_moe_layers, cfg.moe.num_experts)
+    chex.assert_shape(counts, (cfg.num_moe_layers, cfg.moe.num_experts))
     # padding (segment 0) is not routed: every valid token picks K experts in every MoE layer
     np.testing.assert_allclose(np.asarray(counts).sum(-1), int((seg > 0).sum()) * cfg.moe.experts_per_token)
 
@@ -123,8 +125,8 @@ def test_remat_keeps_gradients():
         loss = lambda m: jnp.mean(m(_tokens(), pos, seg)[0] ** 2)  # noqa: E731
         grads[remat] = nnx.grad(loss)(model)
     for remat in ("full", "dots"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
-                     nnx.to_pure_dict(grads["none"]), nnx.to_pure_dict(grads[remat]))
+        chex.assert_trees_all_close(nnx.to_pure_dict(grads[remat]), nnx.to_pure_dict(grads["none"]),
+                                    rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, total, activated", [("kimi-k2", 1.04e12, 32.6e9),
