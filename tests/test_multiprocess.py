@@ -36,7 +36,8 @@ def _free_port() -> int:
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mp") / "run"
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "k2jax.cli", "train", str(ROOT / "experiments" / "tiny.yaml"),
            "--set", f"train.out_dir={out}", "--set", f"train.steps={STEPS}", "--set", "train.eval_every=3",
            "--set", "train.log_every=1", "--set", "train.progress=false", "--set", "checkpoint.every=3",
