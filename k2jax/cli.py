@@ -69,19 +69,20 @@ def cmd_info(args) -> int:
     from flax import nnx
 
     from k2jax.model.count import abstract_model, count_params
+    from k2jax.model.flops import flops_per_token
     from k2jax.optim import describe
     from k2jax.optim.muon import newton_schulz_flops
     from k2jax.parallel.sharding import abstract_mesh, param_shardings
     from k2jax.params import param_info
-    from k2jax.model.flops import flops_per_token
 
     cfg = _load(args.config, args.set)
     mesh = abstract_mesh(cfg.mesh, args.devices)
     counts = count_params(cfg.model)
     m = cfg.model
-    print(f"attention {m.attention.kind}: {m.attention.num_heads} heads, d_model {m.d_model}, {m.num_layers} layers "
-          f"({m.num_dense_layers} dense); experts {m.moe.num_experts} (top-{m.moe.experts_per_token}, "
-          f"{m.moe.num_shared_experts} shared, sparsity {m.moe.num_experts / max(m.moe.experts_per_token, 1):g})")
+    att, moe = m.attention, m.moe
+    print(f"attention {att.kind}: {att.num_heads} heads, d_model {m.d_model}, {m.num_layers} layers "
+          f"({m.num_dense_layers} dense); experts {moe.num_experts} (top-{moe.experts_per_token}, "
+          f"{moe.num_shared_experts} shared, sparsity {moe.num_experts / max(moe.experts_per_token, 1):g})")
     print(f"total parameters:     {_human(counts['total'])} ({counts['total']:,})")
     print(f"activated per token:  {_human(counts['activated'])} ({counts['activated']:,})")
     print(f"embedding + head:     {_human(counts['embedding'])}")
