@@ -136,8 +136,7 @@ class Attention(nnx.Module):
         return getattr(self, name)[...].astype(dtype_of(self.cfg.compute_dtype))
 
     def _mla_qkv(self, x, cos, sin):
-        cfg = self.cfg
-        att = cfg.attention
+        att = self.cfg.attention
         nope = att.qk_nope_head_dim
         if att.q_lora_rank > 0:
             q = jnp.einsum("btc,chd->bthd", self.q_norm(x @ self._w("wq_a")), self._w("wq_b"))

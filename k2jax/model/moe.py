@@ -161,7 +161,7 @@ class MoE(nnx.Module):
         self.shared = SwiGLU(cfg, moe.num_shared_experts * f, rngs) if moe.num_shared_experts else None
 
     def __call__(self, x, valid):
-        cfg = self.cfg
+        cfg, moe = self.cfg, self.cfg.moe
         b, t, d = x.shape
         xf = x.reshape(b * t, d)
         vf = valid.reshape(-1)
@@ -174,7 +174,6 @@ class MoE(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()  # Transformer.__call__'s mesh (empty without one)
         exchange = self.execution.expert_parallel
         ep_specs = None
-        moe = cfg.moe
         if moe.dispatch == "ragged" and exchange != "gspmd":
             ep_specs = expert_parallel_specs(xf.shape[0], experts.gate.shape, mesh)
         impl = grouped_matmul_impl(self.execution.grouped_matmul)
