@@ -154,17 +154,27 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from k2jax.generate import load_run
+    import warnings
 
-    run = load_run(args.run_dir, args.step)  # a CheckpointError exits 3, naming the directory
-    end = len(run.prompt_ids(args.prompt)) + args.tokens
-    if end > run.config.data.seq_len:
-        print(f"warning: prompt and new tokens reach position {end}, past the {run.config.data.seq_len} tokens "
-              f"per row this run trained on (data.seq_len); text past it is extrapolation and usually degrades",
-              file=sys.stderr)
-    for i in range(args.num_samples):
-        text = run.complete(args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed + i)
-        print(f"--- sample {i + 1} (step {run.step}) ---\n{args.prompt}{text}")
+    from k2jax.generate import load
+    from k2jax.inference.engine import SamplingParams
+
+    run = load(args.run_dir, args.step)  # a CheckpointError exits 3, naming the directory
+    engine = run.engine(max_batch=args.num_samples, max_len=len(run.prompt_ids(args.prompt)) + args.tokens)
+    params = [SamplingParams(max_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or 0,
+                             top_p=args.top_p, seed=args.seed + i, stop=tuple(args.stop)) for i in range(args.num_samples)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            requests = [engine.submit(args.prompt, p) for p in params]
+        except ValueError as e:  # a bad setting or a prompt too long for the model: an input error
+            raise ConfigError(f"sample: {e}") from None
+    for w in caught:  # generating past the trained length says so, once, on stderr
+        print(f"warning: {w.message}", file=sys.stderr)
+    while engine.step():
+        pass
+    for i, r in enumerate(requests):
+        print(f"--- sample {i + 1} (step {run.step}, {r.completion.finish_reason}) ---\n{args.prompt}{r.completion.text}")
     return 0
 
 
@@ -300,13 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the best run among runs differing in this axis (e.g. optim.learning_rate)")
     p.set_defaults(fn=cmd_analyze)
 
-    p = sub.add_parser("sample", help="sample text from a trained run's checkpoint")
-    p.add_argument("run_dir", help="a run directory written by `k2jax train` (train.out_dir)")
+    p = sub.add_parser("sample", help="sample text from a run's checkpoint or a Hugging Face directory "
+                       "(KV-cached, the samples batched)")
+    p.add_argument("run_dir", help="a run directory written by `k2jax train` (train.out_dir), or a Hugging "
+                   "Face directory (`k2jax export`)")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose "
+                   "probability reaches p")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a sample at this text")
+    p.add_argument("--num-samples", type=int, default=1, help="samples drawn together, seeds seed, seed + 1, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=cmd_sample)

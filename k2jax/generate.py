@@ -1,27 +1,27 @@
-"""Load a trained run and sample text from it.
+"""Generate text from a trained run or a Hugging Face directory: the Python API.
 
-`load_run(run_dir)` rebuilds the model from the run's config.yaml, restores the
-latest (or a given) checkpoint onto this machine's devices (one mesh over all of
-them, whatever mesh trained it) and loads the run's tokenizer. `sample` draws
-tokens autoregressively: every step runs the model over a fixed-size buffer (one
-compilation; causal attention means the unwritten tail never reaches the position
-being read), so it is O(new tokens x length): meant for small models and short
-completions, not serving.
+    import k2jax.generate as gen
+    model = gen.load("runs/default")                  # or an exported / DeepSeek-V3-format HF directory
+    [c.text for c in model.generate(["def ", "import "], max_tokens=64, temperature=0)]
+
+`load` rebuilds the model (from the run's config.yaml, or from config.json), restores the latest
+(or a given) checkpoint onto this machine's devices and loads the tokenizer; `generate` runs the
+KV-cached engine (`k2jax.inference.engine`): prompts prefilled in one pass, then one token per
+step for the whole batch, each prompt stopping on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
+import json
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k2jax.config import Config, MeshConfig, load_config
+from k2jax.config import Config, DataConfig, MeshConfig, load_config
 from k2jax.data import tokenizer as tokenizer_lib
+from k2jax.inference.engine import Completion, Engine, SamplingParams
 from k2jax.model.transformer import Transformer
 from k2jax.train.checkpoint import Checkpointer, CheckpointError
 from k2jax.train.step import abstract_state, init_train_state
@@ -29,26 +29,52 @@ from k2jax.train.step import abstract_state, init_train_state
 
 @dataclasses.dataclass
 class LoadedRun:
+    """A model ready to generate: the model, its tokenizer, its config and where it came from."""
     model: Transformer
     tokenizer: object
     config: Config
     step: int
+    name: str = "k2jax"  # the run directory's name, or the HF model's
+    trained_len: int | None = None  # tokens per row it trained on (data.seq_len; unknown for HF)
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
         """The ids the model is given for `prompt` (bos first, where the tokenizer has one)."""
         ids = self.tokenizer.encode(prompt)
         return np.concatenate([[self.tokenizer.bos_id], ids]) if self.tokenizer.bos_id is not None else ids
 
+    def engine(self, **kwargs) -> Engine:
+        """A batching engine over this model (Engine's keyword arguments: max_batch, max_len, ...)."""
+        kwargs.setdefault("trained_len", self.trained_len)
+        return Engine(self.model, self.tokenizer, **kwargs)
+
+    def generate(self, prompts, *, max_batch: int = 16, **sampling) -> list[Completion]:
+        """Complete each prompt (text or token ids); sampling: SamplingParams' fields."""
+        params = SamplingParams(**sampling)
+        prompts = [self.prompt_ids(p).tolist() if isinstance(p, str) else list(p) for p in prompts]
+        longest = max((len(p) for p in prompts), default=1) + params.max_tokens
+        engine = self.engine(max_batch=max(1, min(max_batch, len(prompts))), max_len=longest)
+        return engine.generate(prompts, params)
+
     def complete(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.8,
                  top_k: int | None = None, seed: int = 0) -> str:
-        """The prompt's continuation as text."""
-        new = sample(self.model, self.prompt_ids(prompt), max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                     vocab_size=self.tokenizer.vocab_size)
-        return self.tokenizer.decode(new)
+        """The prompt's continuation as text (up to eos or max_new_tokens)."""
+        return self.generate([prompt], max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                             seed=seed)[0].text
 
 
-def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
-    """The model and tokenizer of a run directory written by `k2jax train`."""
+def load(path: str | Path, step: int | None = None, *, compute_dtype: str | None = None) -> LoadedRun:
+    """A run directory (config.yaml, checkpoints/) or a Hugging Face directory (config.json and
+    *.safetensors, as `k2jax export` writes them; its tokenizer in tokenizer/ or tokenizer.json).
+    compute_dtype overrides the model's (e.g. "float32" to compare with transformers)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        return load_hf(path, compute_dtype=compute_dtype)
+    return load_run(path, step, compute_dtype=compute_dtype)
+
+
+def load_run(run_dir: str | Path, step: int | None = None, *, compute_dtype: str | None = None) -> LoadedRun:
+    """The model and tokenizer of a run directory written by `k2jax train` (one mesh over this
+    machine's devices, whatever mesh trained it)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -59,51 +85,36 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
         state, _, _ = ckpt.restore(abstract_state(setup, state), step)
     finally:
         ckpt.close()
-    model = nnx.merge(setup.graphdef, state["params"], state["model_state"])
-    return LoadedRun(model, tokenizer_lib.load(run_dir / "tokenizer"), cfg, int(state["step"]))
+    if compute_dtype is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=compute_dtype))
+    model = _with_weights(cfg, state["params"], state["model_state"])
+    return LoadedRun(model, tokenizer_lib.load(run_dir / "tokenizer"), cfg, int(state["step"]),
+                     run_dir.resolve().name, cfg.data.seq_len)
 
 
-def sample(model: Transformer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8,
-           top_k: int | None = None, seed: int = 0, vocab_size: int | None = None) -> np.ndarray:
-    """`max_new_tokens` ids following `prompt_ids` (1-D); temperature 0 is greedy.
+def load_hf(directory: str | Path, *, compute_dtype: str | None = None) -> LoadedRun:
+    """A DeepSeek-V3 / Kimi-K2 format directory (float32/float16 safetensors) and its tokenizer."""
+    from k2jax.interop.deepseek_v3 import InteropError, load_hf_checkpoint
 
-    vocab_size: draw only ids below it (the tokenizer's size; the model's padded vocabulary
-    may be larger, and those ids decode to nothing).
-    """
-    prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
-    if prompt.size == 0:
-        raise ValueError("sample needs at least one prompt token (e.g. the tokenizer's bos id)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    length = prompt.size + max_new_tokens
-    if length > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({prompt.size}) + new tokens ({max_new_tokens}) exceed the model's "
-                         f"max_seq_len {model.cfg.max_seq_len}")
-    buffer = jnp.zeros((1, length), jnp.int32).at[0, :prompt.size].set(prompt)
-    graphdef, state = nnx.split(model)
-    out = _sample_loop(graphdef, state, buffer, prompt.size, jax.random.key(seed),
-                       temperature=float(temperature), top_k=top_k, vocab_size=vocab_size)
-    return np.asarray(out[0, prompt.size:])
+    directory = Path(directory)
+    model_cfg, params, biases = load_hf_checkpoint(directory)
+    if compute_dtype is not None:
+        model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
+    cfg = Config(model=model_cfg, data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
+    model = _with_weights(cfg, params, biases)
+    if (directory / "tokenizer" / "tokenizer_kind.json").is_file():
+        tok = tokenizer_lib.load(directory / "tokenizer")
+    elif (directory / "tokenizer.json").is_file():
+        tok = tokenizer_lib.HFTokenizer.from_file(directory / "tokenizer.json")
+    else:
+        raise InteropError(f"{directory} has no tokenizer (tokenizer/ as `k2jax export` writes it, or tokenizer.json)")
+    name = json.loads((directory / "config.json").read_text()).get("_name_or_path") or directory.resolve().name
+    return LoadedRun(model, tok, cfg, 0, name, None)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "start", "temperature", "top_k", "vocab_size"))
-def _sample_loop(graphdef, state, buffer, start: int, key, *, temperature: float, top_k: int | None,
-                 vocab_size: int | None):
-    def body(t, carry):  # writes position t from the logits at t - 1
-        buffer, key, state = carry  # the weights ride in the carry: nnx refuses variables from an outer trace
-        logits = nnx.merge(graphdef, state)(buffer)[0][0, t - 1]  # (V,)
-        if vocab_size is not None:
-            logits = jnp.where(jnp.arange(logits.shape[0]) < vocab_size, logits, -jnp.inf)
-        key, draw = jax.random.split(key)
-        if temperature == 0.0:
-            token = jnp.argmax(logits)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = jax.lax.top_k(logits, top_k)[0][-1]
-                logits = jnp.where(logits < kth, -jnp.inf, logits)
-            token = jax.random.categorical(draw, logits)
-        return buffer.at[0, t].set(token.astype(jnp.int32)), key, state
-
-    buffer, _, _ = jax.lax.fori_loop(start, buffer.shape[1], body, (buffer, key, state))
-    return buffer
+def _with_weights(cfg: Config, *states) -> Transformer:
+    """The model of `cfg` holding the given weights (no random initialisation first)."""
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0), cfg.execution))
+    for state in states:
+        nnx.update(model, state)
+    return model

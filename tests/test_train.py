@@ -207,7 +207,8 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
 
     from batches import eval_batches
     from k2jax.data import corpus as corpus_lib
-    from k2jax.generate import load_run, sample
+    from k2jax.generate import load_run
+    from k2jax.inference.reference import recompute_greedy
     from k2jax.train.step import token_losses
 
     out, summary = reference_run
@@ -222,16 +223,21 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
         s, c = token_losses(logits, jnp.asarray(b["targets"]), jnp.asarray(b["segment_ids"] > 0, jnp.float32))
         nll, count = nll + float(s), count + float(c)
     assert nll / count == pytest.approx(summary["final_eval_loss"], abs=1e-3)  # eager vs jitted bf16 rounding
-    # greedy sampling in one compiled loop == extending the sequence one argmax at a time
+    # greedy full recomputation in one compiled loop == extending the sequence one argmax at a time,
+    # and the cached engine's greedy text is the same
     prompt = np.concatenate([[run.tokenizer.bos_id], run.tokenizer.encode("def ")])
     ids = list(prompt)
     for _ in range(6):
-        ids.append(int(jnp.argmax(run.model(jnp.asarray([ids], jnp.int32))[0][0, -1])))
-    assert sample(run.model, prompt, 6, temperature=0.0).tolist() == ids[len(prompt):]
+        ids.append(int(jnp.argmax(run.model(jnp.asarray([ids], jnp.int32))[0][0, -1][:run.tokenizer.vocab_size])))
+    assert recompute_greedy(run.model, [prompt], 6, run.tokenizer.vocab_size)[0].tolist() == ids[len(prompt):]
+    cached = run.generate(["def "], max_tokens=6, temperature=0.0, ignore_eos=True)[0]
+    assert cached.token_ids == ids[len(prompt):] and cached.text == run.tokenizer.decode(ids[len(prompt):])
     text = run.complete("import ", 8, temperature=1.0, top_k=5, seed=3)
     assert isinstance(text, str) and text == run.complete("import ", 8, temperature=1.0, top_k=5, seed=3)
     with pytest.raises(ValueError, match="max_seq_len"):
-        sample(run.model, prompt, run.config.model.max_seq_len)
+        recompute_greedy(run.model, [prompt], run.config.model.max_seq_len)
+    with pytest.raises(ValueError, match="exceeds this engine's max_len"):
+        run.generate(["def "], max_tokens=run.config.model.max_seq_len)
     with pytest.raises(CheckpointError, match="not a run directory"):
         load_run(out / "tokenizer")
 
@@ -306,4 +312,4 @@ def test_export_writes_a_model_transformers_loads_and_sample_warns_past_the_trai
     assert not (tmp_path / "hf2").exists()
     # the run trained on rows of 64 tokens (data.seq_len): sampling past them says so
     assert main(["sample", str(out), "--prompt", "def ", "--tokens", "70", "--temperature", "0"]) == 0
-    assert "reach position 75, past the 64 tokens per row this run trained on" in capsys.readouterr().err
+    assert "reaches position 75, past the 64 tokens per row the model trained on" in capsys.readouterr().err

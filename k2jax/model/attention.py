@@ -135,33 +135,104 @@ class Attention(nnx.Module):
     def _w(self, name):
         return getattr(self, name)[...].astype(dtype_of(self.cfg.compute_dtype))
 
-    def _mla_qkv(self, x, cos, sin):
+    def _mla_query(self, x, cos, sin):
+        """x (B, T, D) -> q (B, T, H, nope + rope), its rotary part rotated."""
         att = self.cfg.attention
         nope = att.qk_nope_head_dim
         if att.q_lora_rank > 0:
             q = jnp.einsum("btc,chd->bthd", self.q_norm(x @ self._w("wq_a")), self._w("wq_b"))
         else:
             q = jnp.einsum("btd,dhk->bthk", x, self._w("wq"))
-        q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], cos, sin)], axis=-1)
-        kv_a = x @ self._w("wkv_a")  # (B, T, kv_lora + rope)
+        return jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], cos, sin)], axis=-1)
+
+    def _mla_latent(self, x, cos, sin):
+        """x (B, T, D) -> what MLA caches per token: the normed latent (B, T, C) and the one rotary key
+        shared by all heads (B, T, R), rotated."""
+        att = self.cfg.attention
+        kv_a = x @ self._w("wkv_a")  # (B, T, C + R)
         latent, k_rope = kv_a[..., :att.kv_lora_rank], kv_a[..., att.kv_lora_rank:]
-        kv = jnp.einsum("btc,chd->bthd", self.kv_norm(latent), self._w("wkv_b"))
+        return self.kv_norm(latent), apply_rope(k_rope[:, :, None, :], cos, sin)[:, :, 0]
+
+    def _mla_keys_values(self, latent, k_rope):
+        """The cached latent (B, S, C) and rotary key (B, S, R) -> per-head k (B, S, H, nope + R), v (B, S, H, Dv)."""
+        nope = self.cfg.attention.qk_nope_head_dim
+        kv = jnp.einsum("bsc,chd->bshd", latent, self._w("wkv_b"))
         k_nope, v = kv[..., :nope], kv[..., nope:]
-        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # one rotary key shared by all heads
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + k_rope.shape[-1:])], axis=-1)
-        return q, k, v
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])],
+                            axis=-1)
+        return k, v
+
+    def _project(self, x, cos, sin):
+        """x (B, T, D) -> q, k, v for these tokens and their cache entries (`cache_layout`'s fields)."""
+        if self.cfg.attention.kind == "mla":
+            latent, k_rope = self._mla_latent(x, cos, sin)
+            k, v = self._mla_keys_values(latent, k_rope)
+            return self._mla_query(x, cos, sin), k, v, {"latent": latent, "k_rope": k_rope}
+        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self._w("wq")), cos, sin)
+        k = apply_rope(jnp.einsum("btd,dgk->btgk", x, self._w("wk")), cos, sin)
+        v = jnp.einsum("btd,dgk->btgk", x, self._w("wv"))
+        return q, k, v, {"k": k, "v": v}
 
     def __call__(self, x, rope, segment_ids):
-        cos, sin = rope
-        if self.cfg.attention.kind == "mla":
-            q, k, v = self._mla_qkv(x, cos, sin)
-        else:
-            q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self._w("wq")), cos, sin)
-            k = apply_rope(jnp.einsum("btd,dgk->btgk", x, self._w("wk")), cos, sin)
-            v = jnp.einsum("btd,dgk->btgk", x, self._w("wv"))
+        y, max_logits, _ = self.prefill(x, rope, segment_ids)
+        return y, max_logits
+
+    def prefill(self, x, rope, segment_ids):
+        """The training forward, plus these tokens' cache entries: y (B, T, D), max_logits (H,), entries."""
+        q, k, v, entries = self._project(x, *rope)
         fused = self._fused_kernel(x.shape[1])
         if fused is not None:
             out, max_logits = attend_per_shard(fused, q, k, v, segment_ids, self.scale)
         else:
             out, max_logits = attend(q, k, v, attention_mask(segment_ids), self.scale)
-        return jnp.einsum("bthd,hde->bte", out, self._w("wo")), max_logits
+        return jnp.einsum("bthd,hde->bte", out, self._w("wo")), max_logits, entries
+
+    def decode(self, x, rope, positions, cache):
+        """New tokens against the cache: x (B, T, D) at positions (B, T) -> y (B, T, D), the cache with
+        their entries written at those positions. A query attends to every cached position up to its own
+        (earlier slots of a row hold its prompt and its earlier tokens; later ones are masked).
+
+        MLA decodes with absorbed up-projections: the query's no-rope part is mapped into the latent
+        space (q W_UK), attention runs over the cached latents and rotary keys directly, and W_UV is
+        applied to the attended latent, so per-head keys and values are never materialised.
+        """
+        cos, sin = rope
+        rows = jnp.arange(x.shape[0])[:, None]
+        if self.cfg.attention.kind == "mla":
+            latent, k_rope = self._mla_latent(x, cos, sin)
+            cache = {"latent": cache["latent"].at[rows, positions].set(latent.astype(cache["latent"].dtype)),
+                     "k_rope": cache["k_rope"].at[rows, positions].set(k_rope.astype(cache["k_rope"].dtype))}
+            out = self._absorbed_attend(self._mla_query(x, cos, sin), cache, positions)
+        else:
+            q, k, v, _ = self._project(x, cos, sin)
+            cache = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+                     "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))}
+            out, _ = attend(q, cache["k"], cache["v"], _cache_mask(positions, cache["k"].shape[1]), self.scale)
+        return jnp.einsum("bthd,hde->bte", out, self._w("wo")), cache
+
+    def _absorbed_attend(self, q, cache, positions):
+        """q (B, T, H, nope + R) over cached latents (B, S, C) and rotary keys (B, S, R) -> (B, T, H, Dv)."""
+        nope = self.cfg.attention.qk_nope_head_dim
+        w_uk, w_uv = self._w("wkv_b")[..., :nope], self._w("wkv_b")[..., nope:]  # (C, H, nope), (C, H, Dv)
+        latent, k_rope = cache["latent"].astype(q.dtype), cache["k_rope"].astype(q.dtype)
+        q_latent = jnp.einsum("bthn,chn->bthc", q[..., :nope], w_uk)
+        logits = (jnp.einsum("bthc,bsc->bhts", q_latent, latent, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bsr->bhts", q[..., nope:], k_rope, preferred_element_type=jnp.float32))
+        mask = _cache_mask(positions, latent.shape[1])[:, None]  # (B, 1, T, S)
+        probs = jax.nn.softmax(jnp.where(mask, logits * self.scale, NEG_INF), axis=-1)
+        attended = jnp.einsum("bhts,bsc->bthc", probs.astype(latent.dtype), latent)
+        return jnp.einsum("bthc,chv->bthv", attended, w_uv)
+
+
+def _cache_mask(positions, capacity: int):
+    """positions (B, T) -> (B, T, S) bool: a query sees every cache slot up to its own position."""
+    return jnp.arange(capacity)[None, None, :] <= positions[:, :, None]
+
+
+def cache_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Per-token cache entry shapes of one attention layer: MLA keeps the normed latent and the shared
+    rotary key (kv_lora_rank + qk_rope_head_dim values), MHA/GQA the keys and values of each KV head."""
+    att = cfg.attention
+    if att.kind == "mla":
+        return {"latent": (att.kv_lora_rank,), "k_rope": (att.qk_rope_head_dim,)}
+    return {"k": (att.num_kv_heads, att.head_dim), "v": (att.num_kv_heads, att.head_dim)}

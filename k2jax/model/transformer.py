@@ -37,13 +37,27 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg, rngs, execution) if moe else SwiGLU(cfg, cfg.dense_ffn_dim, rngs)
 
     def __call__(self, x, rope, segment_ids):
-        h, max_logits = self.attn(self.attn_norm(x), rope, segment_ids)  # (B, T, D), (H,)
-        x = x + h
+        x, stats, _ = self.prefill(x, rope, segment_ids)
+        return x, stats
+
+    def prefill(self, x, rope, segment_ids):
+        """The training forward, plus the attention cache entries of these tokens."""
+        h, max_logits, entries = self.attn.prefill(self.attn_norm(x), rope, segment_ids)  # (B, T, D), (H,)
+        x, moe_stats = self._ffn(x + h, segment_ids > 0)
+        return x, {"max_logits": max_logits, **moe_stats}, entries
+
+    def decode(self, x, rope, positions, valid, cache):
+        """x (B, T, D) of new tokens at positions (B, T) -> x, the cache with their entries."""
+        h, cache = self.attn.decode(self.attn_norm(x), rope, positions, cache)
+        x, _ = self._ffn(x + h, valid)
+        return x, cache
+
+    def _ffn(self, x, valid):
         if self.is_moe:
-            h, moe_stats = self.ffn(self.ffn_norm(x), segment_ids > 0)
+            h, moe_stats = self.ffn(self.ffn_norm(x), valid)
         else:
             h, moe_stats = self.ffn(self.ffn_norm(x)), {}
-        return x + h, {"max_logits": max_logits, **moe_stats}
+        return x + h, moe_stats
 
 
 def _stacked_blocks(cfg: ModelConfig, execution: ExecutionConfig, n: int, moe: bool, key: str,
@@ -84,21 +98,23 @@ class Transformer(nnx.Module):
         return nnx.List([Block(self.cfg, self.execution, moe=moe, stats_key=f"{name}.{i}", rngs=rngs)
                          for i in range(n)])
 
-    def _run_stack(self, name, stack, x, rope, segment_ids, stats):
+    def _run_stack(self, name, stack, x, layer_fn, layer_inputs, outputs):
+        """Run a stack: layer_fn(x, block, layer_input) -> (x, layer_output) for each block; the outputs
+        (and inputs) are keyed like the params' stats_key, stacked on a leading L axis when scanned."""
         if stack is None:
             return x
         if not self.cfg.scan_layers:
             for i, block in enumerate(stack):
-                x, stats[f"{name}.{i}"] = self._maybe_remat(lambda b, x: b(x, rope, segment_ids))(block, x)
+                key = f"{name}.{i}"
+                x, outputs[key] = layer_fn(x, block, layer_inputs.get(key))
             return x
-
-        def body(x, block):
-            return block(x, rope, segment_ids)
-
-        scan = nnx.scan(self._maybe_remat(body), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+        scan = nnx.scan(layer_fn, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        x, stats[name] = scan(x, stack)  # every stat gains a leading L axis
+        x, outputs[name] = scan(x, stack, layer_inputs.get(name))
         return x
+
+    def _stacks(self):
+        return ((DENSE, self.dense_layers), (MOE, self.moe_layers))
 
     def _maybe_remat(self, fn):
         if self.execution.remat == "none":
@@ -132,16 +148,55 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         rope = rope_tables(self.cfg, positions)
+
+        def layer(x, block, _):
+            return block(x, rope, segment_ids)
+
         x = self.embed(tokens)
         per_layer: dict = {}
-        x = self._run_stack(DENSE, self.dense_layers, x, rope, segment_ids, per_layer)
-        x = self._run_stack(MOE, self.moe_layers, x, rope, segment_ids, per_layer)
+        for name, stack in self._stacks():
+            x = self._run_stack(name, stack, x, self._maybe_remat(layer), {}, per_layer)
+        return self._logits(x), _collect_stats(per_layer)
+
+    def prefill(self, tokens, positions, segment_ids, *, mesh=None):
+        """The forward pass that also returns every layer's attention cache entries for these tokens:
+        tokens, positions, segment_ids (B, T) -> logits (B, T, V) float32, entries {key: {field: (L?, B, T, ...)}}
+        (keys as in the stats; `cache_layout` names the fields)."""
+        with _traced_for(mesh):
+            rope = rope_tables(self.cfg, positions)
+
+            def layer(x, block, _):
+                x, _, entries = block.prefill(x, rope, segment_ids)
+                return x, entries
+
+            x = self.embed(tokens)
+            entries: dict = {}
+            for name, stack in self._stacks():
+                x = self._run_stack(name, stack, x, layer, {}, entries)
+            return self._logits(x), entries
+
+    def decode(self, tokens, positions, valid, cache, *, mesh=None):
+        """New tokens against a cache (`inference.cache.new_cache`): tokens, positions (B, T) int32,
+        valid (B, T) bool (rows without a request) -> logits (B, T, V) float32, the updated cache."""
+        with _traced_for(mesh):
+            rope = rope_tables(self.cfg, positions)
+
+            def layer(x, block, layer_cache):
+                return block.decode(x, rope, positions, valid, layer_cache)
+
+            x = self.embed(tokens)
+            new_cache: dict = {}
+            for name, stack in self._stacks():
+                x = self._run_stack(name, stack, x, layer, cache, new_cache)
+            return self._logits(x), new_cache
+
+    def _logits(self, x):
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = x @ self.lm_head[...].astype(x.dtype)
-        return logits.astype(jnp.float32), _collect_stats(per_layer)
+        return logits.astype(jnp.float32)
 
     def moe_blocks(self):
         """(stats key, block) for every MoE stack or layer, matching stats["expert_counts"]."""

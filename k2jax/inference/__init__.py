@@ -1,0 +1,1 @@
+"""Generation: KV caches, sampling, the batching engine, the OpenAI-compatible server."""
