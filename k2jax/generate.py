@@ -36,6 +36,7 @@ class LoadedRun:
     step: int
     name: str = "k2jax"  # the run directory's name, or the HF model's
     trained_len: int | None = None  # tokens per row it trained on (data.seq_len; unknown for HF)
+    mesh: object = None  # the mesh the weights are placed on (None: one device)
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
         """The ids the model is given for `prompt` (bos first, where the tokenizer has one)."""
@@ -45,6 +46,7 @@ class LoadedRun:
     def engine(self, **kwargs) -> Engine:
         """A batching engine over this model (Engine's keyword arguments: max_batch, max_len, ...)."""
         kwargs.setdefault("trained_len", self.trained_len)
+        kwargs.setdefault("mesh", self.mesh)
         return Engine(self.model, self.tokenizer, **kwargs)
 
     def generate(self, prompts, *, max_batch: int = 16, **sampling) -> list[Completion]:
@@ -73,8 +75,8 @@ def load(path: str | Path, step: int | None = None, *, compute_dtype: str | None
 
 
 def load_run(run_dir: str | Path, step: int | None = None, *, compute_dtype: str | None = None) -> LoadedRun:
-    """The model and tokenizer of a run directory written by `k2jax train` (one mesh over this
-    machine's devices, whatever mesh trained it)."""
+    """The model and tokenizer of a run directory written by `k2jax train`, its weights on one mesh over
+    this machine's devices (mesh.data = all of them, whatever mesh trained it)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -89,7 +91,7 @@ def load_run(run_dir: str | Path, step: int | None = None, *, compute_dtype: str
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=compute_dtype))
     model = _with_weights(cfg, state["params"], state["model_state"])
     return LoadedRun(model, tokenizer_lib.load(run_dir / "tokenizer"), cfg, int(state["step"]),
-                     run_dir.resolve().name, cfg.data.seq_len)
+                     run_dir.resolve().name, cfg.data.seq_len, setup.mesh if setup.mesh.size > 1 else None)
 
 
 def load_hf(directory: str | Path, *, compute_dtype: str | None = None) -> LoadedRun:

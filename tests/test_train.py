@@ -283,7 +283,7 @@ def test_export_writes_a_model_transformers_loads_and_sample_warns_past_the_trai
     from transformers import DeepseekV3ForCausalLM
 
     from k2jax.cli import main
-    from k2jax.generate import load_run
+    from k2jax.generate import load, load_run
     from k2jax.interop.deepseek_v3 import load_hf_checkpoint
     from k2jax.model.transformer import Transformer
 
@@ -304,6 +304,15 @@ def test_export_writes_a_model_transformers_loads_and_sample_warns_past_the_trai
     nnx.update(model32, nnx.state(run.model))
     np.testing.assert_allclose(np.asarray(model32(jnp.asarray(ids[None], jnp.int32))[0]), expected,
                                rtol=2e-4, atol=2e-4)
+    # greedy KV-cached generation from the exported directory == transformers' generate, token for token
+    hf_run = load(hf_dir, compute_dtype="float32")
+    ours = hf_run.generate([ids.tolist()], max_tokens=48, temperature=0.0, ignore_eos=True)[0].token_ids
+    padded_vocab = list(range(run.tokenizer.vocab_size, run.config.model.vocab_size))  # ids no tokenizer has
+    with torch.no_grad():
+        theirs = hf.generate(torch.as_tensor(ids[None].astype(np.int64)), max_new_tokens=48, min_new_tokens=48,
+                             do_sample=False, suppress_tokens=padded_vocab, eos_token_id=None,
+                             pad_token_id=run.tokenizer.pad_id)[0, len(ids):].tolist()
+    assert ours == theirs
     assert main(["export", str(out), str(hf_dir)]) == 2  # never writes into an existing export
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path), str(tmp_path / "hf2")]) == 3  # not a run directory: a checkpoint error

@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import math
 import secrets
 import threading
 import warnings
@@ -31,6 +32,7 @@ from flax import nnx
 
 from k2jax.inference import cache as cache_lib
 from k2jax.inference.sampling import TOP_LOGPROBS, Choice, RowSettings, choose
+from k2jax.parallel.sharding import LOGICAL_RULES
 
 log = logging.getLogger("k2jax.inference")
 MIN_BUCKET = 16  # shortest prompt-length / attended-span bucket
@@ -101,18 +103,22 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None,
                  decode_chunk: int = 8, trained_len: int | None = None, mesh=None):
+        """mesh: the mesh the model's weights live on (None: one device); the cache's slots are split
+        over its batch axes (max_batch rounded up to their size), experts run over its expert axis."""
         cfg = model.cfg
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        self.max_batch, self.decode_chunk = max_batch, decode_chunk
+        shards = _batch_shards(mesh)
+        self.max_batch = -(-max_batch // shards) * shards  # slots split evenly over the batch axes
+        self.decode_chunk = decode_chunk
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         if max_batch < 1 or decode_chunk < 1 or self.max_len < 2:
             raise ValueError(f"max_batch ({max_batch}) and decode_chunk ({decode_chunk}) must be positive and "
                              f"max_len ({self.max_len}) at least 2")
         self.trained_len = trained_len
         self._graphdef, self._state = nnx.split(model)
-        self._cache = cache_lib.new_cache(cfg, max_batch, self.max_len, _batch_sharding(mesh, cfg))
-        self._slots: list[Request | None] = [None] * max_batch
-        b = max_batch
+        self._cache = cache_lib.new_cache(cfg, self.max_batch, self.max_len, _batch_sharding(mesh, cfg))
+        self._slots: list[Request | None] = [None] * self.max_batch
+        b = self.max_batch
         self._token, self._position, self._generated = (np.zeros(b, np.int32) for _ in range(3))
         self._budget, self._eos = np.zeros(b, np.int32), np.full(b, -1, np.int32)
         self._temperature, self._top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
@@ -336,15 +342,20 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[:1], n - len(a))])
 
 
+def _batch_axes(mesh) -> tuple[str, ...]:
+    return tuple(a for a in LOGICAL_RULES["batch"] if mesh is not None and mesh.shape[a] > 1)
+
+
+def _batch_shards(mesh) -> int:
+    return math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+
+
 def _batch_sharding(mesh, cfg):
     """The cache's sharding on a mesh: slots split over the batch axes, everything else whole
     (splitting MLA's heads would duplicate the latent; SGLang shards decode attention by batch too)."""
     if mesh is None:
         return None
-    from k2jax.parallel.sharding import LOGICAL_RULES
-
-    axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
-    spec = [None] * (cache_lib.seq_axis(cfg) - 1) + [axes or None]
+    spec = [None] * (cache_lib.seq_axis(cfg) - 1) + [_batch_axes(mesh) or None]
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
