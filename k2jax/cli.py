@@ -1,6 +1,7 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
 `k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`,
-`k2jax export RUN_DIR OUT_DIR`, `k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`,
+`k2jax eval RUN_DIR --tasks heldout,stdlib_mc`, `k2jax export RUN_DIR OUT_DIR`,
+`k2jax serve RUN_DIR --port N`, `k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`,
 `k2jax plan CONFIG --topology v5p:8x8x8`."""
 
 from __future__ import annotations
@@ -178,6 +179,44 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from k2jax.data import corpus as corpus_lib, prepared, tokenizer as tokenizer_lib
+    from k2jax.eval.qa import engine_generate
+    from k2jax.eval.scoring import ModelParts
+    from k2jax.eval.sources import HELDOUT
+    from k2jax.eval.suite import Suite, format_table, write_results
+    from k2jax.generate import load_run
+    from k2jax.train.checkpoint import CheckpointError
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-bytes", args.max_bytes),
+                        ("--max-items", args.max_items)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    cfg = load_config(run_dir / "config.yaml")
+    names = [n for n in args.tasks.split(",") if n]
+    if not names and not args.text:
+        raise ConfigError("--tasks: name at least one set or task (e.g. heldout,stdlib_mc), or pass --text")
+    heldout = None
+    if HELDOUT in names and not prepared.is_prepared(cfg.data.corpus):
+        heldout = corpus_lib.load_corpus(cfg.data)[1]
+    # every set and task is read and checked before the checkpoint is restored
+    suite = Suite.build(tokenizer_lib.load(run_dir / "tokenizer"), cfg.data.seq_len,
+                        texts=[n for n in names if n == HELDOUT] + args.text, tasks=[n for n in names if n != HELDOUT],
+                        heldout=heldout, max_bytes=args.max_bytes, max_items=args.max_items,
+                        where=("--text", "--tasks"))
+    run = load_run(run_dir, args.step)  # a CheckpointError exits 3
+    generate = engine_generate(run.model, run.tokenizer, args.batch_size) if suite.qa_tasks else None
+    results = suite.run(ModelParts.of(run.model), args.batch_size, generate)
+    path = run_dir / "eval" / f"step_{run.step}.json"
+    write_results(path, run.step, results)
+    print(f"step {run.step} of {run_dir}, rows of {cfg.data.seq_len} tokens (data.seq_len)\n{format_table(results)}\n"
+          f"-> {path}")
+    return 0
+
+
 def cmd_export(args) -> int:
     import shutil
 
@@ -198,6 +237,25 @@ def cmd_export(args) -> int:
     print(f"step {run.step} of {args.run_dir} -> {out} (config.json, model.safetensors; the run's tokenizer in "
           f"{out / 'tokenizer'})")
     return 0
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    from k2jax.inference.server import serve
+
+    if args.max_batch < 1 or (args.max_len is not None and args.max_len < 2) or not 0 <= args.port < 65536:
+        raise ConfigError(f"serve: --max-batch must be at least 1 (got {args.max_batch}), --max-len at least 2 "
+                          f"(got {args.max_len}) and --port in 0..65535 (got {args.port})")
+    handler = logging.StreamHandler(sys.stderr)  # progress, requests and batch sizes on stderr
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    for name in ("k2jax", "uvicorn"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return serve(args.run_dir, host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
+                 step=args.step, served_model_name=args.served_model_name)  # a bad RUN_DIR exits 3
 
 
 def cmd_bench(args) -> int:
@@ -303,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the sweep YAML whose results to analyze, or a directory holding a results.csv")
     p.add_argument("--arm", help="results column that defines the arms (e.g. optim.name)")
     p.add_argument("--reference", help="the arm multipliers are measured against (default: the first)")
-    p.add_argument("--y", default="final_eval_loss", help="results column to fit (default final_eval_loss)")
+    p.add_argument("--y", default="final_eval_loss", help="results column to fit (default final_eval_loss; "
+                   "e.g. eval/bpb/heldout from an eval section)")
     p.add_argument("--curves", action="store_true",
                    help="fit each run's held-out curve (constant-lr runs) instead of one point per run")
     p.add_argument("--best-over", metavar="AXIS",
@@ -326,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.set_defaults(fn=cmd_sample)
 
+    p = sub.add_parser("eval", help="bits per byte, multiple-choice and QA tasks on a run's checkpoint "
+                       "-> RUN_DIR/eval/step_N.json")
+    p.add_argument("run_dir", help="a run directory written by `k2jax train`")
+    p.add_argument("--tasks", default="heldout,stdlib_mc",
+                   help="comma-separated: heldout (bits per byte on the run's held-out text), shipped tasks "
+                   "(stdlib_mc, stdlib_qa) or .jsonl task files")
+    p.add_argument("--text", action="append", default=[], metavar="NAME=PATH",
+                   help="also score bits per byte on a text file, directory or JSONL ('text' field); repeatable")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows of data.seq_len tokens per forward pass")
+    p.add_argument("--max-bytes", type=int, metavar="N", help="score only the first N bytes of each text set")
+    p.add_argument("--max-items", type=int, metavar="N", help="score only the first N items of each task")
+    p.set_defaults(fn=cmd_eval)
+
     p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face DeepSeek-V3 model "
                        "(config.json + model.safetensors)")
     p.add_argument("run_dir", help="a run directory written by `k2jax train`")
@@ -334,6 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-experts", action="store_true",
                    help="write experts as fused tensors (transformers' in-memory layout) instead of one per expert")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) "
+                       "over a run's checkpoint; concurrent requests share device batches")
+    p.add_argument("run_dir", help="a run directory written by `k2jax train`, or a directory `k2jax export` wrote")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (engine slots)")
+    p.add_argument("--max-len", type=int, help="longest prompt + max_tokens a request may have; the KV cache "
+                   "holds max-batch x max-len positions (default: the model's max_seq_len)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the run directory's name)")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("bench", help="train-step time, tokens/s, MFU, memory: MuonClip vs Muon vs AdamW")
     p.add_argument("config", help="experiment YAML or a model preset name")

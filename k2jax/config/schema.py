@@ -324,6 +324,34 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluations run during training (k2jax/eval; `k2jax eval` runs them on a checkpoint), logged as
+    eval/bpb/NAME and eval/TASK/{acc,acc_norm}. A resumed run may change this section."""
+
+    every: Optional[int] = None  # steps between evaluations (and at the last step); None: train.eval_every
+    # text sets scored in bits per byte: "heldout" (the run's held-out split) or NAME=PATH
+    bits_per_byte: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()  # multiple-choice tasks: shipped names (stdlib_mc) or .jsonl paths
+    max_bytes: Optional[int] = 65536  # of each text set (its first documents; None: all)
+    max_items: Optional[int] = None  # of each task (its first items; None: all)
+
+    def __post_init__(self):
+        _require(self.every is None or self.every > 0, "eval.every", f"must be positive, got {self.every}")
+        for key in ("max_bytes", "max_items"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"eval.{key}", f"must be positive or null, got {value}")
+        for spec in self.bits_per_byte:
+            name, sep, path = spec.partition("=")
+            _require(spec == "heldout" or (sep and name and path and "/" not in name), "eval.bits_per_byte",
+                     f"expected 'heldout' or NAME=PATH, got {spec!r}")
+        _require(all(self.tasks), "eval.tasks", "task names must be non-empty")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bits_per_byte or self.tasks)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh shape; -1 on one axis takes the remaining devices."""
 
@@ -348,6 +376,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",

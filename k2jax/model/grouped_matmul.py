@@ -26,15 +26,19 @@ def _swiglu_ragged(xs, gate, up, down, group_sizes):
     return jax.lax.ragged_dot(h, down, group_sizes)
 
 
-def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int = TILE_ROWS):
+def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int | None = None):
     """The expert SwiGLU on rows sorted by expert, as batched matmuls over fixed-size tiles.
 
     xs (M, D) sorted by group, group_sizes (E,) with sum <= M (later rows belong to no expert
     and come back zero). Each group is padded to whole tiles of `tile` rows, so every tile
     belongs to one expert and its weights are gathered per tile: (M + E * tile) rows of work
-    instead of the E * M that jax.lax.ragged_dot's dense fallback (CPU) computes.
+    instead of the E * M that jax.lax.ragged_dot's dense fallback (CPU) computes. The default
+    tile is TILE_ROWS, smaller when there are few rows per expert (decoding: M = batch x k rows,
+    where 64-row tiles would be almost all padding).
     """
     m, e = xs.shape[0], gate.shape[0]
+    if tile is None:
+        tile = min(TILE_ROWS, 1 << max(m // e - 1, 0).bit_length())  # ~ rows per expert, a power of two
     num_tiles = -(-m // tile) + e  # static bound: each group wastes less than one tile
     padded = -(-group_sizes // tile) * tile  # (E,)
     padded_start = jnp.cumsum(padded) - padded

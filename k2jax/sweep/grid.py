@@ -17,7 +17,8 @@ Each run trains into out_dir/RUN (RUN joins the axis values); a run with a
 summary.json is finished and skipped, one with checkpoints but no summary, or a
 summary saying it was preempted, is resumed. A preempted run stops the sweep
 (Preempted); rerunning the sweep resumes it. results.csv gets one row per
-finished run.
+finished run, with a column per `eval` section result (eval/bpb/NAME,
+eval/TASK/acc, ...: the values of the run's last step) after RESULT_FIELDS.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def result_row(sweep: Sweep, run: Run) -> dict | None:
             "best_eval_loss": summary.get("best_eval_loss"), "max_logit": summary.get("max_logit"),
             "expert_load_max_mean": summary.get("expert_load_max_mean"),
             "wall_time_s": summary.get("wall_time_s"), "steps": summary["steps"],
-            "diverged_at": summary.get("diverged_at")}
+            "diverged_at": summary.get("diverged_at"), **{k: v for k, v in summary.items() if k.startswith("eval/")}}
 
 
 def finished(run_dir: Path) -> bool:
@@ -180,10 +181,11 @@ def write_results(sweep: Sweep) -> Path:
         elif run.name in kept:
             rows.append(kept[run.name])
     axes = list(sweep.runs[0].axes)
+    evals = sorted({k for row in rows for k in row if k.startswith("eval/")})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["run", *axes, *RESULT_FIELDS[1:]], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=["run", *axes, *RESULT_FIELDS[1:], *evals], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)

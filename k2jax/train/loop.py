@@ -7,8 +7,8 @@ process 0 writes all but the checkpoints, which every process writes together.
 
 `train` runs named set-up phases (run directory, data, state and batches, run
 files, restore, compile), then `_Steps`, whose loop follows each train step with
-the hooks due at it (divergence check, record, evaluation, metrics, load monitor,
-progress bar, summary, checkpoint), then writes the results.
+the hooks due at it (divergence check, record, evaluation, the `eval` section's
+evaluations, metrics, load monitor, progress bar, summary, checkpoint), then writes the results.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from tqdm import tqdm
 from k2jax.config import Config, ConfigError, from_dict, to_dict, with_legacy_values
 from k2jax.data import corpus as corpus_lib
 from k2jax.data import pipeline, prepared, tokenizer as tokenizer_lib
+from k2jax.eval import suite as suite_lib
+from k2jax.eval.scoring import ModelParts
 from k2jax.model import flops as flops_lib
 from k2jax.parallel import distributed
 from k2jax.parallel.sharding import batch_sharding
@@ -55,7 +57,7 @@ class Preempted(RuntimeError):
     exit_code = 143  # of the CLI: 128 + SIGTERM
 
 
-# What a resumed run may change: how it executes, how long it runs, what it logs and keeps, and the
+# What a resumed run may change: how it executes, how long it runs, what it logs, evaluates and keeps, and the
 # optimizer's settings (not its kind, whose state would not match). Everything else must match the
 # checkpoint: the model's math and its data.
 _RESUMABLE_TRAIN = {"steps", "grad_accum", "eval_every", "eval_batches", "log_every", "progress", "out_dir"}
@@ -63,7 +65,7 @@ _RESUMABLE_TRAIN = {"steps", "grad_accum", "eval_every", "eval_batches", "log_ev
 
 def _resumable(key: str) -> bool:
     section, _, name = key.partition(".")
-    return (section in ("execution", "mesh", "checkpoint") or (section == "train" and name in _RESUMABLE_TRAIN)
+    return (section in ("execution", "mesh", "checkpoint", "eval") or (section == "train" and name in _RESUMABLE_TRAIN)
             or (section == "optim" and name != "name"))
 
 
@@ -97,14 +99,15 @@ def _check_writable(directory: Path) -> None:
 
 
 def _data(cfg: Config, out: Path, resume: bool):
-    """(this process's train chunks, held-out chunks, tokenizer) from a prepared or in-memory corpus;
-    nothing written."""
+    """(this process's train chunks, held-out chunks, tokenizer, held-out texts: None for a prepared corpus)
+    from a prepared or in-memory corpus; nothing written."""
     seq_len, shard, shards = cfg.data.seq_len, jax.process_index(), jax.process_count()
     tok_dir = out / "tokenizer"
     if prepared.is_prepared(cfg.data.corpus):
         corpus = prepared.PreparedCorpus(cfg.data.corpus)
         tok = corpus.tokenizer()
         train_chunks, heldout_chunks = corpus.chunks("train", seq_len, shard, shards), corpus.chunks("heldout", seq_len)
+        heldout_docs = None
     else:
         train_docs, heldout_docs = corpus_lib.load_corpus(cfg.data)
         if resume and tok_dir.exists():
@@ -117,7 +120,7 @@ def _data(cfg: Config, out: Path, resume: bool):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size}); set it to at least {tok.vocab_size}, or leave it "
                           f"unset to take the tokenizer's")
-    return train_chunks, heldout_chunks, tok
+    return train_chunks, heldout_chunks, tok, heldout_docs
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -145,8 +148,8 @@ def _check_resumed_config(ckpt_dir: Path, cfg: Config) -> None:
     if diff:
         raise ConfigError(f"--resume: these settings differ from the run's (checkpoint step {step}): "
                           f"{'; '.join(diff)}. A resumed run keeps its model, data and optimizer kind (execution, "
-                          f"optimizer, length, logging, checkpoint and mesh settings may change); use a new "
-                          f"train.out_dir for a new run. Nothing was changed")
+                          f"optimizer, length, logging, evaluation, checkpoint and mesh settings may change); use a "
+                          f"new train.out_dir for a new run. Nothing was changed")
 
 
 def _host(tree):
@@ -197,7 +200,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
     if resume:
         _check_resumed_config(ckpt_dir, cfg)
-    train_chunks, heldout_chunks, tok = _data(cfg, out, resume)
+    train_chunks, heldout_chunks, tok, heldout_docs = _data(cfg, out, resume)
+    suite = _eval_suite(cfg, tok, heldout_docs)
     setup, state = init_train_state(cfg)
     distributed.check_tensor_axis_within_processes(setup.mesh.devices)
     batches = _batches(cfg, setup, train_chunks, heldout_chunks)
@@ -210,11 +214,35 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         _announce(cfg, setup, state, resume, train_chunks, heldout_chunks)
     train_step = _compile(cfg, setup, state)
 
-    summary = _Steps(cfg, out, ckpt, batches, train_step, make_eval_step(setup), state).run()
+    summary = _Steps(cfg, out, ckpt, batches, train_step, make_eval_step(setup), state,
+                     _eval_runner(cfg, setup, suite)).run()
     summary["wall_time_s"] = time.perf_counter() - started  # this invocation only, when resumed
     if distributed.is_primary():
         _write_results(cfg, out, summary)
     return summary
+
+
+def _eval_suite(cfg: Config, tok, heldout_docs) -> suite_lib.Suite | None:
+    """The `eval` section's text sets and tasks, read and tokenized (None when it names none)."""
+    if not cfg.eval.enabled:
+        return None
+    suite = suite_lib.Suite.build(tok, cfg.data.seq_len, texts=list(cfg.eval.bits_per_byte), tasks=list(cfg.eval.tasks),
+                                  heldout=heldout_docs, max_bytes=cfg.eval.max_bytes, max_items=cfg.eval.max_items,
+                                  where=("eval.bits_per_byte", "eval.tasks"))
+    if suite.qa_tasks:
+        raise ConfigError(f"eval.tasks: {', '.join(suite.qa_tasks)} are generative QA tasks, which the training loop "
+                          f"does not run; run them on a checkpoint with `k2jax eval RUN_DIR --tasks ...`")
+    return suite
+
+
+def _eval_runner(cfg: Config, setup, suite: suite_lib.Suite | None) -> Callable[[dict], dict] | None:
+    """state -> the suite's eval/... metrics, scored on the run's mesh in batches of one micro-batch's rows
+    (train.batch_size / train.grad_accum, which split over the data axes) of data.seq_len tokens."""
+    if suite is None:
+        return None
+    rows = cfg.train.batch_size // cfg.train.grad_accum
+    return lambda state: suite_lib.metrics(suite.run(
+        ModelParts(setup.graphdef, state["params"], state["model_state"], setup.mesh), rows))
 
 
 class _Batches(NamedTuple):
@@ -277,9 +305,9 @@ class _Steps:
     a new per-step concern is a method and an entry there."""
 
     def __init__(self, cfg: Config, out: Path, ckpt: Checkpointer, batches: _Batches, train_step, eval_step,
-                 state: dict):
+                 state: dict, run_evals: Callable[[dict], dict] | None = None):
         self.cfg, self.ckpt, self.batches, self.state = cfg, ckpt, batches, state
-        self.train_step, self.eval_step = train_step, eval_step
+        self.train_step, self.eval_step, self.run_evals = train_step, eval_step, run_evals
         self.primary = distributed.is_primary()
         self.flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)["total"]
         self.peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
@@ -298,6 +326,7 @@ class _Steps:
             ("log", self._check_finite),
             ("log", self._record),
             ("eval", self._evaluate),
+            ("evals", self._run_evals),
             ("log", self._write),
             ("log", self._watch_loads),
             ("log", self._show_progress),
@@ -360,6 +389,13 @@ class _Steps:
         self.best_eval = min(self.best_eval, info.record["eval_loss"])
         self.throughput.restart()  # evaluation time is not training throughput
 
+    def _run_evals(self, info: _StepInfo) -> None:
+        """The `eval` section's bits per byte and task accuracies, into the record and (the last) the summary."""
+        results = self.run_evals(info.state)
+        info.record.update(results)
+        self.summary.update(results)
+        self.throughput.restart()  # evaluation time is not training throughput
+
     def _write(self, info: _StepInfo) -> None:
         """The record, to metrics.jsonl and TensorBoard (process 0)."""
         if self.writer:
@@ -419,11 +455,14 @@ class _StepInfo:
 
 
 def _due(cfg: Config, step: int, stop: bool) -> set[str]:
-    """The hooks to run after `step`: "eval" and "save" at their cadence and at the last step ("save" also when
-    stopping); "log" at train.log_every and whenever either of them runs."""
+    """The hooks to run after `step`: "eval", "evals" (the `eval` section, when it names anything) and "save" at
+    their cadence and at the last step ("save" also when stopping); "log" at train.log_every and whenever any of
+    them runs."""
     due = set()
     if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
         due.add("eval")
+    if cfg.eval.enabled and (step % (cfg.eval.every or cfg.train.eval_every) == 0 or step == cfg.train.steps):
+        due.add("evals")
     if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
         due.add("save")
     if step % cfg.train.log_every == 0 or due:

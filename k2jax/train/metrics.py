@@ -3,8 +3,9 @@
 One JSON object per logged step in metrics.jsonl ("step" plus the metrics;
 nested dicts and lists kept, non-finite numbers written as null). Every
 scalar, and every element of a list, also goes to TensorBoard under tb/.
-`plot_run` reads "loss", "eval_loss" and "max_logit_per_layer" (a list, one
-value per layer in model order).
+`plot_run` reads "loss", "eval_loss", "max_logit_per_layer" (a list, one
+value per layer in model order), the expert loads and the `eval` section's
+"eval/bpb/NAME" and "eval/TASK/acc" / "acc_norm".
 """
 
 from __future__ import annotations
@@ -124,16 +125,21 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None = None) -> None:
-    """Panels: train/eval loss; per-layer max attention logit (tau dashed); and, for MoE models,
-    each MoE layer's max/mean (solid) and min/mean (dashed) expert load, all over steps."""
+    """Panels: train/eval loss; per-layer max attention logit (tau dashed); for MoE models, each MoE
+    layer's max/mean (solid) and min/mean (dashed) expert load; with an `eval` section, bits per byte
+    per text set and each task's acc (solid) and acc_norm (dashed); all over steps."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     records = {r["step"]: r for r in read_metrics(metrics_jsonl)}  # a resumed run re-logs steps: keep the last
     steps = sorted(records)
     loads = [(s, records[s]["expert_load_max_per_layer"], records[s]["expert_load_min_per_layer"])
              for s in steps if records[s].get("expert_load_max_per_layer")]
-    fig = Figure(figsize=(16 if loads else 11, 4))
-    ax_loss, ax_logit, *ax_load = fig.subplots(1, 3 if loads else 2)
+    evals = sorted({k for r in records.values() for k in r if k.startswith("eval/")})
+    bpb, tasks = [k for k in evals if k.startswith("eval/bpb/")], [k for k in evals if k.endswith("/acc")]
+    extra = [bool(loads), bool(bpb), bool(tasks)]
+    fig = Figure(figsize=(5.5 * (2 + sum(extra)), 4))
+    ax_loss, ax_logit, *more = fig.subplots(1, 2 + sum(extra))
+    ax_load, ax_bpb, ax_tasks = (more.pop(0) if shown else None for shown in extra)
     train = [(s, records[s]["loss"]) for s in steps if records[s].get("loss") is not None]
     evals = [(s, records[s]["eval_loss"]) for s in steps if records[s].get("eval_loss") is not None]
     if train:
@@ -153,9 +159,26 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
     ax_logit.set(title="Max attention logit per layer", xlabel="step", ylabel="max pre-softmax logit")
     ax_logit.legend(fontsize="small")
     if loads:
-        _plot_loads(ax_load[0], loads)
+        _plot_loads(ax_load, loads)
+    if bpb:
+        for key in bpb:
+            ax_bpb.plot(*_series(records, steps, key), "o-", label=key.removeprefix("eval/bpb/"))
+        ax_bpb.set(title="Bits per byte", xlabel="step", ylabel="bits per UTF-8 byte")
+        ax_bpb.legend(fontsize="small")
+    if tasks:
+        for key in tasks:
+            line, = ax_tasks.plot(*_series(records, steps, key), "o-", label=key.split("/")[1])
+            ax_tasks.plot(*_series(records, steps, key + "_norm"), "--", color=line.get_color())
+        ax_tasks.set(title="Task accuracy (acc solid, acc_norm dashed)", xlabel="step", ylabel="accuracy")
+        ax_tasks.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+
+
+def _series(records: dict, steps: list[int], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records holding a value for `key`."""
+    points = [(s, records[s][key]) for s in steps if records[s].get(key) is not None]
+    return [s for s, _ in points], [v for _, v in points]
 
 
 def _plot_loads(ax, loads) -> None:
