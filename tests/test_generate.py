@@ -30,7 +30,14 @@ TRAINED_LEN = 64  # experiments/tiny.yaml's data.seq_len, which 200 new tokens c
 
 @pytest.fixture(scope="module", params=list(KINDS))
 def model(request):
+    """Each attention kind: for what the cache computes."""
     return Transformer(KINDS[request.param], nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def mla():
+    """One model for the engine's scheduling, which does not depend on the attention kind."""
+    return Transformer(KINDS["mla"], nnx.Rngs(0))
 
 
 def test_prefill_then_decode_gives_the_full_forward_logits(model):
@@ -62,11 +69,11 @@ def test_cached_greedy_equals_full_recomputation_for_mixed_lengths_past_the_trai
     assert engine.stats["prefill_batches"] == 1 and engine.stats["max_active"] == 3
 
 
-def test_logprobs_are_the_models_log_softmax(model):
-    engine = Engine(model, TOK, max_batch=2, max_len=64)
+def test_logprobs_are_the_models_log_softmax(mla):
+    engine = Engine(mla, TOK, max_batch=2, max_len=64)
     (c,) = engine.generate(["x = "], SamplingParams(max_tokens=3, temperature=0.0, logprobs=2, ignore_eos=True))
     ids = engine.encode("x = ") + c.token_ids
-    logits = np.asarray(model(jnp.asarray([ids]))[0][0], np.float64)[:, :TOK.vocab_size]
+    logits = np.asarray(mla(jnp.asarray([ids]))[0][0], np.float64)[:, :TOK.vocab_size]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     start = len(engine.encode("x = ")) - 1
     want = [logp[start + i, t] for i, t in enumerate(c.token_ids)]
@@ -94,22 +101,22 @@ def test_filtered_logits_match_a_brute_force_top_k_top_p():
         np.testing.assert_allclose(got[row][list(kept)], scaled[list(kept)], rtol=1e-6)
 
 
-def test_seeded_sampling_is_the_same_alone_and_batched_and_top_k_1_is_greedy(model):
+def test_seeded_sampling_is_the_same_alone_and_batched_and_top_k_1_is_greedy(mla):
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
-    alone = Engine(model, TOK, max_batch=1, max_len=64).generate(["def "], params)[0].token_ids
-    batched = Engine(model, TOK, max_batch=4, max_len=64).generate(["import ", "def ", "x"], params)[1].token_ids
+    alone = Engine(mla, TOK, max_batch=1, max_len=64).generate(["def "], params)[0].token_ids
+    batched = Engine(mla, TOK, max_batch=4, max_len=64).generate(["import ", "def ", "x"], params)[1].token_ids
     assert alone == batched
-    other_seed = Engine(model, TOK, max_batch=1, max_len=64).generate(
+    other_seed = Engine(mla, TOK, max_batch=1, max_len=64).generate(
         ["def "], SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True))[0].token_ids
     assert other_seed != alone
-    engine = Engine(model, TOK, max_batch=2, max_len=64)
+    engine = Engine(mla, TOK, max_batch=2, max_len=64)
     top1 = engine.generate(["def "], SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=3, ignore_eos=True))
     greedy = engine.generate(["def "], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     assert top1[0].token_ids == greedy[0].token_ids
 
 
-def test_more_requests_than_slots_queue_and_each_stops_on_its_own(model):
-    engine = Engine(model, TOK, max_batch=2, max_len=64, decode_chunk=4)
+def test_more_requests_than_slots_queue_and_each_stops_on_its_own(mla):
+    engine = Engine(mla, TOK, max_batch=2, max_len=64, decode_chunk=4)
     greedy = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
     want = engine.generate(["a"], greedy)[0]
     stop_text = want.text[3:5]
@@ -127,8 +134,8 @@ def test_more_requests_than_slots_queue_and_each_stops_on_its_own(model):
     assert engine.stats["prefill_batches"] >= 3 and engine.stats["finished"] == 6
 
 
-def test_cancel_frees_the_slot_and_eos_stops(model):
-    engine = Engine(model, TOK, max_batch=1, max_len=128, decode_chunk=4)
+def test_cancel_frees_the_slot_and_eos_stops(mla):
+    engine = Engine(mla, TOK, max_batch=1, max_len=128, decode_chunk=4)
     updates = []
     request = engine.submit("def ", SamplingParams(max_tokens=100, ignore_eos=True),
                             on_update=lambda r, new: updates.append(len(new)))
@@ -140,12 +147,12 @@ def test_cancel_frees_the_slot_and_eos_stops(model):
     assert engine.stats["active"] == 0 and sum(updates) == len(request.completion.token_ids) > 0
     # eos ends a request without being part of it: make the third greedy token the tokenizer's eos
     greedy = SamplingParams(max_tokens=5, temperature=0.0)
-    free = Engine(model, TOK, max_batch=1, max_len=32).generate(["x"], dataclasses.replace(greedy, ignore_eos=True))[0]
+    free = Engine(mla, TOK, max_batch=1, max_len=32).generate(["x"], dataclasses.replace(greedy, ignore_eos=True))[0]
 
     class EosTokenizer(ByteTokenizer):
         eos_id = free.token_ids[2]
 
-    (c,) = Engine(model, EosTokenizer(), max_batch=1, max_len=32).generate(["x"], greedy)
+    (c,) = Engine(mla, EosTokenizer(), max_batch=1, max_len=32).generate(["x"], greedy)
     assert c.finish_reason == "stop" and c.token_ids == free.token_ids[:2]
 
 
@@ -153,15 +160,15 @@ def test_cancel_frees_the_slot_and_eos_stops(model):
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(logprobs=6), "logprobs"), (dict(stop=("",)), "stop"), (dict(max_tokens=100), "exceeds this engine's max_len"),
 ])
-def test_bad_requests_are_refused_with_the_field_named(bad, message):
-    engine = Engine(Transformer(TINY, nnx.Rngs(0)), TOK, max_batch=1, max_len=64)
+def test_bad_requests_are_refused_with_the_field_named(mla, bad, message):
+    engine = Engine(mla, TOK, max_batch=1, max_len=64)
     with pytest.raises(ValueError, match=message):
         engine.submit("def ", SamplingParams(**bad))
     assert engine.stats["requests"] == 0
 
 
-def test_serve_forever_answers_from_another_thread(model):
-    engine = Engine(model, TOK, max_batch=4, max_len=64)
+def test_serve_forever_answers_from_another_thread(mla):
+    engine = Engine(mla, TOK, max_batch=4, max_len=64)
     stop = threading.Event()
     worker = threading.Thread(target=engine.serve_forever, args=(stop,))
     worker.start()

@@ -128,7 +128,8 @@ class Engine:
         self._ids = itertools.count()
         self._warned_length = False
         self.stats = dict(requests=0, finished=0, prefill_batches=0, prefill_rows=0, decode_calls=0,
-                          decode_steps=0, max_active=0, active=0, waiting=0)
+                          decode_steps=0, decode_rows=0, max_active=0, active=0, waiting=0)  # decode_rows: active
+        # slots summed over decode calls (decode_rows / decode_calls is the mean decode batch)
 
     # -- submitting -------------------------------------------------------------------------------
 
@@ -255,6 +256,7 @@ class Engine:
                                                         (self._token, self._position, self._generated))
         self.stats["decode_calls"] += 1
         self.stats["decode_steps"] += steps
+        self.stats["decode_rows"] += int(active.sum())
         slots = np.arange(self.max_batch)
         self._take(slots, jax.tree.map(np.asarray, choices), np.asarray(emitted))
 

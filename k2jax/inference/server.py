@@ -14,8 +14,8 @@ Endpoints (the OpenAI API as vLLM, SGLang and JetStream speak it):
                               max_completion_tokens (default: the rest of the context), temperature, top_p,
                               top_k, logprobs + top_logprobs (0..5), stream
   GET  /stats                 a k2jax extension: the engine's counters (engine.stats: requests, finished,
-                              prefill_batches, prefill_rows, decode_calls, decode_steps, max_active, active,
-                              waiting) as JSON
+                              prefill_batches, prefill_rows, decode_calls, decode_steps, decode_rows,
+                              max_active, active, waiting) as JSON
 
 With n > 1 and a seed, choice i draws with seed + i (mod 2**32); without one, each draws with a fresh seed.
 
@@ -328,9 +328,10 @@ class OpenAIServer:
                 continue
             d = {k: v - last.get(k, 0) for k, v in s.items() if isinstance(v, (int, float))}
             log.info("engine: %d active, %d waiting; in the last %.0f s: %d requests, %d prefill batches "
-                     "(%.1f prompts each), %d decode calls; max active so far %d", s.get("active", 0),
-                     s.get("waiting", 0), self.stats_every, d.get("requests", 0), d.get("prefill_batches", 0),
-                     d.get("prefill_rows", 0) / max(d.get("prefill_batches", 0), 1), d.get("decode_calls", 0),
+                     "(%.1f prompts each), %d decode calls (%.1f rows each); max active so far %d",
+                     s.get("active", 0), s.get("waiting", 0), self.stats_every, d.get("requests", 0),
+                     d.get("prefill_batches", 0), d.get("prefill_rows", 0) / max(d.get("prefill_batches", 0), 1),
+                     d.get("decode_calls", 0), d.get("decode_rows", 0) / max(d.get("decode_calls", 0), 1),
                      s.get("max_active", 0))
             last = s
 
@@ -546,15 +547,8 @@ class OpenAIServer:
             return self._streaming(rid, choices, engine_prompts, params, started, chunk, piece, None,
                                    _include_usage(body))
 
-        self._submit(choices, engine_prompts, params, None)
-        try:
-            await self._wait(choices, request)
-        except _ClientGone:
-            self._cancel(rid, choices, started, "client disconnected")
-            return Response(status_code=499)  # nobody reads it
-        except BaseException:  # the engine stopped, or the server is shutting down
-            self._cancel(rid, choices, started, "request stopped")
-            raise
+        if not await self._run_to_end(rid, choices, engine_prompts, params, request, started):
+            return Response(status_code=499)  # the client is gone: nobody reads it
         prompt_tokens = self._prompt_tokens(choices)
         completion_tokens = self._log_done(rid, choices, prompt_tokens, started)
         return chunk([{"index": c.index, "text": c.completion.text,
@@ -618,21 +612,27 @@ class OpenAIServer:
             return self._streaming(rid, choices, [prompt] * n, params, started, chunk, piece, first,
                                    _include_usage(body))
 
-        self._submit(choices, [prompt] * n, params, None)
-        try:
-            await self._wait(choices, request)
-        except _ClientGone:
-            self._cancel(rid, choices, started, "client disconnected")
-            return Response(status_code=499)  # nobody reads it
-        except BaseException:  # the engine stopped, or the server is shutting down
-            self._cancel(rid, choices, started, "request stopped")
-            raise
+        if not await self._run_to_end(rid, choices, [prompt] * n, params, request, started):
+            return Response(status_code=499)  # the client is gone: nobody reads it
         prompt_tokens = self._prompt_tokens(choices)
         completion_tokens = self._log_done(rid, choices, prompt_tokens, started)
         return chunk([{"index": c.index, "message": {"role": "assistant", "content": c.completion.text},
                        "logprobs": _chat_logprobs(c, top_n) if body.logprobs else None,
                        "finish_reason": _finish_reason(c.completion)} for c in choices],
                      usage=_usage(prompt_tokens, completion_tokens), stream=False)
+
+    async def _run_to_end(self, rid, choices, prompts, params, request: Request, started: float) -> bool:
+        """Submit the choices and wait for them all; False (their requests cancelled) if the client left."""
+        self._submit(choices, prompts, params, None)
+        try:
+            await self._wait(choices, request)
+        except _ClientGone:
+            self._cancel(rid, choices, started, "client disconnected")
+            return False
+        except BaseException:  # the engine stopped, or the server is shutting down
+            self._cancel(rid, choices, started, "request stopped")
+            raise
+        return True
 
     # --------------------------------------------------------------------------------- streaming
     def _streaming(self, rid, choices, prompts, params, started, chunk, piece, first, include_usage):

@@ -38,6 +38,8 @@ def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int | None = None):
     """
     m, e = xs.shape[0], gate.shape[0]
     if tile is None:
+        if m < 2 * e:  # fewer than two rows per expert: tiles would gather more weights than rows need
+            return _swiglu_per_row(xs, gate, up, down, group_sizes)
         tile = min(TILE_ROWS, 1 << max(m // e - 1, 0).bit_length())  # ~ rows per expert, a power of two
     num_tiles = -(-m // tile) + e  # static bound: each group wastes less than one tile
     padded = -(-group_sizes // tile) * tile  # (E,)
@@ -57,6 +59,17 @@ def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int | None = None):
     h = h * jnp.einsum("tmd,tdf->tmf", x_tiles, up[tile_group])
     y = jnp.einsum("tmf,tfd->tmd", h, down[tile_group]).reshape(num_tiles * tile, -1)  # (T * tile, D)
     return jnp.where(in_group[:, None], y.at[dest].get(mode="fill", fill_value=0), 0)  # (M, D)
+
+
+
+def _swiglu_per_row(xs, gate, up, down, group_sizes):
+    """The expert SwiGLU with each row's own expert weights gathered: M weight reads, no padding.
+    Same contract as `_swiglu_tiled`."""
+    e = gate.shape[0]
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(xs.shape[0]), side="right")  # (M,)
+    expert = jnp.minimum(group, e - 1)
+    h = jax.nn.silu(jnp.einsum("md,mdf->mf", xs, gate[expert])) * jnp.einsum("md,mdf->mf", xs, up[expert])
+    return jnp.where((group < e)[:, None], jnp.einsum("mf,mfd->md", h, down[expert]), 0)  # (M, D)
 
 
 MEGABLOX_MAX_ROWS = 512  # the megablox row tile: at most this, and 128 unless groups are larger
