@@ -117,6 +117,22 @@ def test_tiled_grouped_matmul_equals_ragged_dot(group_sizes):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows, group_sizes", [(8, [2, 0, 3, 1, 0, 1]), (8, [0, 0, 0, 0, 0, 5]), (20, [4, 1, 0, 6, 2, 3]),
+                                               (40, [9, 1, 0, 14, 2, 7])])
+def test_tiled_grouped_matmul_with_few_rows_per_expert_equals_ragged_dot(rows, group_sizes):
+    """Decoding's shapes: fewer than two rows per expert (each row gathers its expert's weights) and a few
+    (tiles shrink to the rows per expert); rows past every group come back zero."""
+    from k2jax.model.grouped_matmul import _swiglu_ragged, _swiglu_tiled
+
+    keys = jax.random.split(jax.random.key(1), 4)
+    args = (jax.random.normal(keys[0], (rows, 16)), jax.random.normal(keys[1], (6, 16, 8)),
+            jax.random.normal(keys[2], (6, 16, 8)), jax.random.normal(keys[3], (6, 8, 16)))
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    got = np.asarray(_swiglu_tiled(*args, sizes))
+    np.testing.assert_allclose(got, np.asarray(_swiglu_ragged(*args, sizes)), rtol=1e-5, atol=2e-4)
+    assert np.all(got[int(sizes.sum()):] == 0)
+
+
 @pytest.mark.parametrize("group_sizes", [[25, 0, 30, 20, 1, 24], [0] * 6, [120, 0, 0, 0, 0, 0]])
 def test_megablox_grouped_matmul_equals_ragged_dot_and_tiled(group_sizes):
     """JAX's megablox kernels (TPU interpret mode: unwritten memory reads NaN) with 16-row tiles:
