@@ -1,7 +1,8 @@
 """Command line: `k2jax train CONFIG [--set k=v ...] [--resume]`, `k2jax info --config NAME|FILE`,
 `k2jax prepare SOURCE... --out DIR`, `k2jax sweep FILE`, `k2jax analyze FILE`, `k2jax sample RUN_DIR`,
 `k2jax eval RUN_DIR --tasks heldout,stdlib_mc`, `k2jax export RUN_DIR OUT_DIR`,
-`k2jax serve RUN_DIR --port N`, `k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`,
+`k2jax serve RUN_DIR --port N`, `k2jax rephrase SOURCE --out DIR --base-url URL --model NAME`,
+`k2jax bench CONFIG`, `k2jax lower CONFIG --platform cuda|tpu`,
 `k2jax plan CONFIG --topology v5p:8x8x8`."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ EXIT_STATUS = """exit status:
   3    a checkpoint or resume problem (no finished checkpoint, none readable, ...)
   4    training diverged (NaN/inf loss or weights); the last good checkpoint is kept
   5    an I/O error: a read-only or full disk, a path that is a file
+  6    rephrase: the generator server is down or kept failing; the same command continues the job
   130  interrupted (Ctrl-C)
   143  preempted (SIGTERM): a checkpoint was saved; --resume, or the same sweep again, continues
 Errors are one or two lines on stderr; --debug adds the traceback."""
@@ -258,6 +260,46 @@ def cmd_serve(args) -> int:
                  step=args.step, served_model_name=args.served_model_name)  # a bad RUN_DIR exits 3
 
 
+def cmd_rephrase(args) -> int:
+    import os
+
+    from k2jax.data.prepared import iter_source
+    from k2jax.rephrase.client import Client, GenerationError
+    from k2jax.rephrase.fidelity import make_check
+    from k2jax.rephrase.job import GeneratorDown, Job
+    from k2jax.rephrase.prompts import load_styles
+
+    styles = load_styles(args.styles)
+    index, _, count = args.shard.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        raise ConfigError(f"--shard must be I/N (e.g. 0/4), got {args.shard!r}")
+    if next(iter_source(args.source), None) is None:
+        raise ConfigError(f"rephrase: {args.source} holds no documents")
+    with Client(args.base_url, args.model, endpoint=args.endpoint, api_key=os.environ.get("OPENAI_API_KEY"),
+                timeout=args.timeout, retries=args.request_retries) as client:
+        try:
+            served = client.served_models()
+        except GenerationError as e:
+            raise GeneratorDown(str(e)) from None
+        if args.model not in served:
+            raise ConfigError(f"--model: the server at {args.base_url} serves {served}, not {args.model!r}")
+        check = make_check(args.fidelity, client, args.min_fidelity)
+        if args.fidelity == "embedding":
+            try:
+                client.embed(["a test sentence"])
+            except GenerationError as e:
+                raise ConfigError(f"--fidelity embedding: the server gives no embeddings ({e}); use --fidelity facts")
+        job = Job(args.source, args.out, client, styles, rephrasings=args.rephrasings, concurrency=args.concurrency,
+                  chunk_tokens=args.chunk_tokens, check=check, retries=args.retries, seed=args.seed,
+                  temperature=args.temperature, max_tokens=args.max_tokens, shard_records=args.shard_records,
+                  shard=(int(index), int(count)), progress=sys.stderr.isatty())
+        s = job.run()
+    print(f"{s['documents']:,} documents x {args.rephrasings} rephrasings: {s['rewrites']:,} rewrites, "
+          f"{s['dropped']:,} dropped, {s['chunk_retries']:,} chunk retries, {s['completion_tokens']:,} tokens "
+          f"generated ({s['pairs_this_launch']:,} pairs in this launch) -> {args.out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from k2jax.tools.bench import bench, format_table, optimizer_variants
 
@@ -419,6 +461,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--served-model-name", help="the model name clients send (default: the run directory's name)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("rephrase", help="rewrite a corpus through an OpenAI-compatible server, chunk by chunk "
+                       "in several styles, with fidelity checks; resumable (rerun the same command)")
+    p.add_argument("source", help="what `k2jax prepare` reads: a file, a directory, 'stdlib' or hf:NAME")
+    p.add_argument("--out", required=True, help="directory of the JSONL parts, manifest.json and summary.json")
+    p.add_argument("--base-url", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1 "
+                   "(an API key, if it needs one, from $OPENAI_API_KEY)")
+    p.add_argument("--model", required=True, help="the model name the server serves")
+    p.add_argument("--styles", default="knowledge", help="a shipped prompt set (knowledge, math) or a YAML file")
+    p.add_argument("--rephrasings", type=int, default=1, help="rewrites per document, in different styles")
+    p.add_argument("--concurrency", type=int, default=8, help="rewrites in flight at once")
+    p.add_argument("--chunk-tokens", type=int, default=300, help="the longest chunk (tokens estimated)")
+    p.add_argument("--max-tokens", type=int, help="max_tokens of a chunk's rewrite (default: 2 x chunk-tokens)")
+    p.add_argument("--fidelity", default="facts", choices=["facts", "embedding"], help="the check of every chunk")
+    p.add_argument("--min-fidelity", type=float, help="accept at this score (default: facts 0.9, embedding 0.85)")
+    p.add_argument("--retries", type=int, default=3, help="new seeds for a chunk that fails, before the rewrite "
+                   "is dropped")
+    p.add_argument("--request-retries", type=int, default=6, help="tries again of a request that fails (429, "
+                   "5xx, timeout, a broken reply), with exponential backoff")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    p.add_argument("--endpoint", default="chat", choices=["chat", "completions"], help="the API the prompts go to")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0, help="the seed the request seeds derive from")
+    p.add_argument("--shard-records", type=int, default=1000, help="rewrites per JSONL part")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="this worker's part of the documents")
+    p.set_defaults(fn=cmd_rephrase)
 
     p = sub.add_parser("bench", help="train-step time, tokens/s, MFU, memory: MuonClip vs Muon vs AdamW")
     p.add_argument("config", help="experiment YAML or a model preset name")
