@@ -165,7 +165,8 @@ def cmd_sample(args) -> int:
     run = load(args.run_dir, args.step)  # a CheckpointError exits 3, naming the directory
     engine = run.engine(max_batch=args.num_samples, max_len=len(run.prompt_ids(args.prompt)) + args.tokens)
     params = [SamplingParams(max_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k or 0,
-                             top_p=args.top_p, seed=args.seed + i, stop=tuple(args.stop)) for i in range(args.num_samples)]
+                             top_p=args.top_p, seed=args.seed + i, stop=tuple(args.stop))
+              for i in range(args.num_samples)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -177,7 +178,8 @@ def cmd_sample(args) -> int:
     while engine.step():
         pass
     for i, r in enumerate(requests):
-        print(f"--- sample {i + 1} (step {run.step}, {r.completion.finish_reason}) ---\n{args.prompt}{r.completion.text}")
+        done = r.completion
+        print(f"--- sample {i + 1} (step {run.step}, {done.finish_reason}) ---\n{args.prompt}{done.text}")
     return 0
 
 
@@ -345,7 +347,8 @@ def cmd_plan(args) -> int:
     from k2jax.tools.plan import format_report, plan
 
     cfg = _load(args.config, args.set)
-    report = plan(cfg, args.topology, tuple(args.parts.split(",")), args.hlo)
+    report = plan(cfg, args.topology, tuple(args.parts.split(",")), args.hlo, decode_batch=args.decode_batch,
+                  decode_len=args.decode_len, decode_steps=args.decode_steps)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -512,7 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:2x2x2, v5p:8x8x8, v6e:16x16, v4:4x4x4")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--parts", default="step,grads,update",
-                   help="programs to compile: the whole step, its forward+backward, its optimizer update")
+                   help="programs to compile: the whole step, its forward+backward, its optimizer update; "
+                   "or decode (one chunk of the generation engine's decode over a full cache)")
+    p.add_argument("--decode-batch", type=int, default=32, help="decode: cache slots (rounded up to the batch shards)")
+    p.add_argument("--decode-len", type=int, default=32768, help="decode: positions per slot, all attended")
+    p.add_argument("--decode-steps", type=int, default=1, help="decode: steps in the compiled chunk")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--hlo", metavar="DIR", help="also write each part's optimized HLO (every collective) to DIR")
     p.set_defaults(fn=cmd_plan)

@@ -74,7 +74,8 @@ def test_logprobs_are_the_models_log_softmax(mla):
     (c,) = engine.generate(["x = "], SamplingParams(max_tokens=3, temperature=0.0, logprobs=2, ignore_eos=True))
     ids = engine.encode("x = ") + c.token_ids
     logits = np.asarray(mla(jnp.asarray([ids]))[0][0], np.float64)[:, :TOK.vocab_size]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     start = len(engine.encode("x = ")) - 1
     want = [logp[start + i, t] for i, t in enumerate(c.token_ids)]
     np.testing.assert_allclose(c.logprobs, want, atol=1e-4)

@@ -148,3 +148,22 @@ def test_cli_on_a_machine_without_tpu_runs_quietly_on_the_cpu(tmp_path):
             "print(jax.default_backend())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "cpu" and "TPU" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plan_decode_compiles_a_chunk_over_a_sharded_cache():
+    """`--parts decode`: one engine decode chunk for tiny on 4 v5p chips; the slots round up to the
+    batch shards, each device holds its share of the cache, and the donated cache is aliased."""
+    from k2jax.inference.cache import bytes_per_token
+    from k2jax.tools.plan import TRAIN_PARTS, format_report
+
+    cfg = load_config("experiments/tiny.yaml", ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2"])
+    report = plan(cfg, "v5p:2x2x1", parts=("decode",), decode_batch=3, decode_len=256, decode_steps=2)
+    decode, part = report["decode"], report["parts"]["decode"]
+    assert decode["slots"] == 4 and decode["batch_shards"] == 4  # batch axes: data x fsdp x expert
+    cache = bytes_per_token(cfg.model) * 4 * 256 / 4
+    assert decode["cache_bytes_per_device"] == cache
+    assert part["fits"] and part["error"] is None and 0 < part["hbm_bytes"] < report["hbm_per_device"]
+    assert part["memory"]["aliased"] >= cache  # the cache is donated: updated in place
+    assert part["memory"]["arguments"] >= cache + decode["param_bytes_per_device"]
+    assert "decode: 2 step(s) over 4 slots (3 rounded up" in format_report(report)
+    assert "decode" not in TRAIN_PARTS and plan.__defaults__[0] == TRAIN_PARTS  # not compiled unless asked

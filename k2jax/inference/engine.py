@@ -107,7 +107,7 @@ class Engine:
         over its batch axes (max_batch rounded up to their size), experts run over its expert axis."""
         cfg = model.cfg
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        shards = _batch_shards(mesh)
+        shards = batch_shards(mesh)
         self.max_batch = -(-max_batch // shards) * shards  # slots split evenly over the batch axes
         self.decode_chunk = decode_chunk
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -116,7 +116,7 @@ class Engine:
                              f"max_len ({self.max_len}) at least 2")
         self.trained_len = trained_len
         self._graphdef, self._state = nnx.split(model)
-        self._cache = cache_lib.new_cache(cfg, self.max_batch, self.max_len, _batch_sharding(mesh, cfg))
+        self._cache = cache_lib.new_cache(cfg, self.max_batch, self.max_len, cache_sharding(mesh, cfg))
         self._slots: list[Request | None] = [None] * self.max_batch
         b = self.max_batch
         self._token, self._position, self._generated = (np.zeros(b, np.int32) for _ in range(3))
@@ -230,7 +230,8 @@ class Engine:
         self.stats["prefill_batches"] += 1
         self.stats["prefill_rows"] += len(batch)
         choice = jax.tree.map(np.asarray, choice)
-        self._token[rows], self._position[rows], self._generated[rows] = choice.token[:len(batch)], lengths[:len(batch)], 1
+        admitted = slice(0, len(batch))
+        self._token[rows], self._position[rows], self._generated[rows] = choice.token[admitted], lengths[admitted], 1
         self._take(rows, jax.tree.map(lambda a: a[None, :len(batch)], choice), np.ones((1, len(batch)), bool))
         self.stats["max_active"] = max(self.stats["max_active"], sum(r is not None for r in self._slots))
 
@@ -249,9 +250,9 @@ class Engine:
         span = _bucket(int(self._position[active].max()) + steps, MIN_BUCKET, self.max_len)
         settings = RowSettings(self._temperature, self._top_k, self._top_p, self._seed)
         self._cache, choices, emitted, self._token, self._position, self._generated = (
-            _decode_chunk(self._graphdef, self._state, self._cache, self._token, self._position, self._generated,
-                          active, self._budget, self._eos, settings, steps=steps, span=span,
-                          vocab_size=self.tokenizer.vocab_size, mesh=self.mesh))
+            decode_chunk_program(self._graphdef, self._state, self._cache, self._token, self._position,
+                                 self._generated, active, self._budget, self._eos, settings, steps=steps, span=span,
+                                 vocab_size=self.tokenizer.vocab_size, mesh=self.mesh))
         self._token, self._position, self._generated = (np.array(a) for a in
                                                         (self._token, self._position, self._generated))
         self.stats["decode_calls"] += 1
@@ -348,11 +349,11 @@ def _batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in LOGICAL_RULES["batch"] if mesh is not None and mesh.shape[a] > 1)
 
 
-def _batch_shards(mesh) -> int:
+def batch_shards(mesh) -> int:
     return math.prod(mesh.shape[a] for a in _batch_axes(mesh))
 
 
-def _batch_sharding(mesh, cfg):
+def cache_sharding(mesh, cfg):
     """The cache's sharding on a mesh: slots split over the batch axes, everything else whole
     (splitting MLA's heads would duplicate the latent; SGLang shards decode attention by batch too)."""
     if mesh is None:
@@ -376,8 +377,8 @@ def _prefill(graphdef, state, cache, tokens, lengths, slots, settings: RowSettin
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps", "span", "vocab_size", "mesh"), donate_argnames=("cache",))
-def _decode_chunk(graphdef, state, cache, token, position, generated, active, budget, eos, settings: RowSettings, *,
-                  steps: int, span: int, vocab_size: int, mesh):
+def decode_chunk_program(graphdef, state, cache, token, position, generated, active, budget, eos,
+                         settings: RowSettings, *, steps: int, span: int, vocab_size: int, mesh):
     """`steps` decode steps for every slot over the cache's first `span` positions.
 
     token (B,) sits at position (B,) and is written there; a slot stops (stays inactive for the rest

@@ -7,6 +7,12 @@ the compiler reserves in HBM, the matmul FLOPs and collective bytes of the optim
 program with loops multiplied out (`hlo_stats`; XLA's own cost analysis counts loop bodies
 once), the model's FLOPs and one copy of Muon's Newton-Schulz FLOPs for comparison, and a
 lower bound on the step time from the chip's peak FLOP/s and interconnect bandwidth.
+
+Part "decode" (`--parts decode`, not a default) compiles one chunk of the generation engine's
+decode (`k2jax.inference.engine.decode_chunk_program`) instead: the model's parameters as training
+shards them, a cache of `decode_batch` slots x `decode_len` positions split over the batch
+axes as the engine splits it, attending over the whole cache; it says whether such a batch
+of long contexts fits, and the cache's bytes per device.
 """
 
 from __future__ import annotations
@@ -18,18 +24,21 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from k2jax.config import Config
 from k2jax.model.flops import flops_per_token, param_counts
 from k2jax.optim.muon import newton_schulz_flops
 from k2jax.optim.owner import owner_newton_schulz_flops
-from k2jax.parallel.sharding import make_mesh
+from k2jax.parallel.sharding import make_mesh, replicated
 from k2jax.parallel.topology import Slice, tpu_slice
 from k2jax.platform import lowering_for
 from k2jax.tools import hlo_stats
 from k2jax.train.step import abstract_batch, abstract_train_state, make_grad_step, make_train_step, make_update_step
 
-PARTS = ("step", "grads", "update")
+TRAIN_PARTS = ("step", "grads", "update")
+PARTS = TRAIN_PARTS + ("decode",)
 
 
 @dataclasses.dataclass
@@ -50,11 +59,11 @@ class PartReport:
     loops: list[int] = dataclasses.field(default_factory=list)
 
 
-def _compile(name: str, jitted, args, hbm: int, hlo_dir: Path | None = None) -> PartReport:
+def _compile(name: str, jitted, args, hbm: int, hlo_dir: Path | None = None, kwargs=None) -> PartReport:
     started = time.perf_counter()
     try:
         with lowering_for("tpu"):
-            compiled = jitted.trace(*args).lower().compile()
+            compiled = jitted.trace(*args, **(kwargs or {})).lower().compile()
     except Exception as error:  # noqa: BLE001  (XlaRuntimeError: the compiler's refusal is the result)
         text = str(error)
         need = _compiler_bytes(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm", text) or _compiler_bytes(
@@ -94,9 +103,12 @@ def state_bytes_per_device(state) -> tuple[float, float]:
     return held, total / leaf.sharding.mesh.size
 
 
-def plan(cfg: Config, topology: str, parts=PARTS, hlo_dir: str | None = None) -> dict:
-    """Compile cfg's train step (and/or its halves) for `topology`; a dict of what was found.
-    hlo_dir: also write each part's optimized HLO there (PART.hlo.txt)."""
+def plan(cfg: Config, topology: str, parts=TRAIN_PARTS, hlo_dir: str | None = None, *,
+         decode_batch: int = 32, decode_len: int = 32768, decode_steps: int = 1) -> dict:
+    """Compile cfg's train step (and/or its halves, and/or a decode chunk) for `topology`; a dict of
+    what was found. hlo_dir: also write each part's optimized HLO there (PART.hlo.txt).
+    decode_*: the decode part's cache slots (rounded up to the mesh's batch shards, as the engine
+    does), positions per slot (the span attended) and decode steps in the compiled chunk."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
@@ -122,7 +134,8 @@ def plan(cfg: Config, topology: str, parts=PARTS, hlo_dir: str | None = None) ->
         "newton_schulz_flops_busiest_device": None,
         "parts": {},
     }
-    if cfg.optim.name != "adamw" and cfg.optim.muon_sharding == "owner" and devices > 1:
+    if (cfg.optim.name != "adamw" and cfg.optim.muon_sharding == "owner" and devices > 1
+            and set(parts) & set(TRAIN_PARTS)):
         report["newton_schulz_flops_busiest_device"] = owner_newton_schulz_flops(
             setup.infos, state["params"], mesh, cfg.optim.ns_steps)
     programs = {
@@ -130,12 +143,59 @@ def plan(cfg: Config, topology: str, parts=PARTS, hlo_dir: str | None = None) ->
         "grads": lambda: (make_grad_step(cfg, setup), (state["params"], state["model_state"], batch)),
         "update": lambda: (make_update_step(setup), (state, *_abstract_grads(cfg, setup, state, batch))),
     }
+    if "decode" in parts:
+        report["decode"] = _decode_setup(cfg, mesh, state, decode_batch, decode_len, decode_steps)
     for name in parts:
-        jitted, args = programs[name]()
+        kwargs = None
+        if name == "decode":
+            jitted, args, kwargs = _decode_program(cfg, mesh, state, report["decode"])
+        else:
+            jitted, args = programs[name]()
         report["parts"][name] = dataclasses.asdict(_compile(name, jitted, args, tpu.hbm_per_device,
-                                                            Path(hlo_dir) if hlo_dir else None))
+                                                            Path(hlo_dir) if hlo_dir else None, kwargs))
     report["bounds"] = _time_bounds(report)
     return report
+
+
+def _decode_setup(cfg: Config, mesh, state: dict, batch: int, length: int, steps: int) -> dict:
+    """The decode part's sizes: slots rounded up to the batch shards, the cache's bytes per device."""
+    from k2jax.inference import cache as cache_lib
+    from k2jax.inference.engine import batch_shards
+
+    if batch < 1 or steps < 1 or not 2 <= length <= cfg.model.max_seq_len:
+        raise ValueError(f"decode batch ({batch}) and steps ({steps}) must be positive and decode length "
+                         f"({length}) in [2, model.max_seq_len={cfg.model.max_seq_len}]")
+    shards = batch_shards(mesh)
+    slots = -(-batch // shards) * shards  # the engine splits its slots evenly over the batch axes
+    params_held, _ = state_bytes_per_device({"params": state["params"], "model_state": state["model_state"]})
+    per_token = cache_lib.bytes_per_token(cfg.model)
+    return {"batch": batch, "slots": slots, "len": length, "steps": steps, "batch_shards": shards,
+            "cache_bytes_per_token": per_token, "cache_bytes_per_device": per_token * slots * length / shards,
+            "param_bytes_per_device": params_held, "param_dtype": cfg.model.param_dtype}
+
+
+def _decode_program(cfg: Config, mesh, state: dict, sizes: dict):
+    """The engine's compiled decode chunk and its abstract arguments: the model's variables as the
+    train state shards them, the cache split over the batch axes, the per-slot host arrays replicated."""
+    from k2jax.inference import cache as cache_lib
+    from k2jax.inference.engine import cache_sharding, decode_chunk_program
+    from k2jax.inference.sampling import RowSettings
+    from k2jax.model.transformer import Transformer
+
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0), cfg.execution))
+    nnx.update(model, state["params"])
+    nnx.update(model, state["model_state"])
+    graphdef, variables = nnx.split(model)
+    slots, length = sizes["slots"], sizes["len"]
+    sharding = cache_sharding(mesh, cfg.model)
+    cache = jax.eval_shape(lambda: cache_lib.new_cache(cfg.model, slots, length))
+    cache = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=sharding), cache)
+    row = lambda dtype: jax.ShapeDtypeStruct((slots,), dtype, sharding=replicated(mesh))  # noqa: E731
+    settings = RowSettings(row(jnp.float32), row(jnp.int32), row(jnp.float32), row(jnp.uint32))
+    args = (graphdef, variables, cache, row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.bool_),
+            row(jnp.int32), row(jnp.int32), settings)
+    kwargs = {"steps": sizes["steps"], "span": length, "vocab_size": cfg.model.vocab_size, "mesh": mesh}
+    return decode_chunk_program, args, kwargs
 
 
 def _abstract_grads(cfg, setup, state, batch):
@@ -175,6 +235,7 @@ def format_report(report: dict) -> str:
         f"in {c['grad_accum']} micro-batches",
         f"HBM per device {_bytes(hbm)}; train state per device {_bytes(report['state_bytes_per_device'])} "
         f"(if every array split evenly: {_bytes(report['state_bytes_if_even'])})",
+        *([_decode_line(report["decode"])] if "decode" in report else []),
         f"model FLOPs per device {report['model_flops_per_device']:.3g}; Newton-Schulz FLOPs of one copy of "
         f"the update {report['newton_schulz_flops_one_copy']:.3g} (ideal per device: "
         f"{report['newton_schulz_flops_one_copy'] / report['devices']:.3g})",
@@ -210,6 +271,14 @@ def format_report(report: dict) -> str:
                      f"{b['mfu_at_bound']:.1%}; XLA's own estimate "
                      + (f"{xla * 1e3:,.1f} ms" if xla and xla > 0 else f"unusable ({xla})"))
     return "\n".join(lines)
+
+
+def _decode_line(d: dict) -> str:
+    slots = f"{d['slots']} slots" + (f" ({d['batch']} rounded up to the {d['batch_shards']} batch shards)"
+                                     if d["slots"] != d["batch"] else "")
+    return (f"decode: {d['steps']} step(s) over {slots} x {d['len']} positions; cache per device "
+            f"{_bytes(d['cache_bytes_per_device'])} ({d['cache_bytes_per_token']:,} bytes per token), "
+            f"{d['param_dtype']} weights per device {_bytes(d['param_bytes_per_device'])}")
 
 
 def _billions(n: float) -> str:
