@@ -295,10 +295,13 @@ class Engine:
             request.on_update(request, new)
 
     def _hit_stop(self, request: Request) -> bool:
-        if not request.params.stop:
+        """Whether the newest token completes a stop string: only the tail that can hold one is decoded
+        (a character takes at most 4 byte tokens), so checking stays O(1) per token."""
+        stops = request.params.stop
+        if not stops:
             return False
-        text = self.tokenizer.decode(request.token_ids)
-        return any(s in text for s in request.params.stop)
+        tail = self.tokenizer.decode(request.token_ids[-(4 * max(map(len, stops)) + 4):])
+        return any(s in tail for s in stops)
 
     def _finish(self, slot: int, reason: str) -> None:
         request = self._slots[slot]
