@@ -184,10 +184,22 @@ class Transformer(nnx.Module):
             def layer(x, block, layer_cache):
                 return block.decode(x, rope, positions, valid, layer_cache)
 
+            def scanned_layer(carry, block):  # the stack's cache rides in the carry, updated in place
+                x, stack_cache, i = carry
+                x, layer_cache = layer(x, block, jax.tree.map(lambda c: c[i], stack_cache))
+                stack_cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0),
+                                           stack_cache, layer_cache)
+                return (x, stack_cache, i + 1), ()
+
             x = self.embed(tokens)
             new_cache: dict = {}
             for name, stack in self._stacks():
-                x = self._run_stack(name, stack, x, layer, cache, new_cache)
+                if stack is None or not self.cfg.scan_layers:
+                    x = self._run_stack(name, stack, x, layer, cache, new_cache)
+                    continue
+                scan = nnx.scan(scanned_layer, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                                transform_metadata={nnx.PARTITION_NAME: "layers"})
+                (x, new_cache[name], _), _ = scan((x, cache[name], jnp.zeros((), jnp.int32)), stack)
             return self._logits(x), new_cache
 
     def _logits(self, x):
