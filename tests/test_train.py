@@ -208,6 +208,7 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
     from batches import eval_batches
     from k2jax.data import corpus as corpus_lib
     from k2jax.generate import load_run
+    from k2jax.inference.engine import SamplingParams
     from k2jax.inference.reference import recompute_greedy
     from k2jax.train.step import token_losses
 
@@ -238,6 +239,15 @@ def test_load_run_restores_the_trained_model_and_greedy_sampling_matches_brute_f
         recompute_greedy(run.model, [prompt], run.config.model.max_seq_len)
     with pytest.raises(ValueError, match="exceeds this engine's max_len"):
         run.generate(["def "], max_tokens=run.config.model.max_seq_len)
+    # after warm_up no request compiles: the cache stays placed as the programs return it, every span is built
+    from k2jax.inference.engine import _prefill, decode_chunk_program
+
+    engine = run.engine(max_batch=2, max_len=128)
+    assert engine.warm_up() == 4  # spans 16, 32, 64, 128
+    programs = _prefill._cache_size(), decode_chunk_program._cache_size()
+    for prompt in ("def ", "import os"):  # one at a time: a prefill of 2 prompts is another (batch) bucket
+        engine.generate([prompt], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    assert (_prefill._cache_size(), decode_chunk_program._cache_size()) == programs
     with pytest.raises(CheckpointError, match="not a run directory"):
         load_run(out / "tokenizer")
 

@@ -116,7 +116,10 @@ class Engine:
                              f"max_len ({self.max_len}) at least 2")
         self.trained_len = trained_len
         self._graphdef, self._state = nnx.split(model)
-        self._cache = cache_lib.new_cache(cfg, self.max_batch, self.max_len, cache_sharding(mesh, cfg))
+        # on the mesh the weights live on (also a one-device one), so the compiled programs return the cache
+        # placed as they were given it and each compiles once
+        self._cache = cache_lib.new_cache(cfg, self.max_batch, self.max_len,
+                                          cache_sharding(mesh if mesh is not None else _weights_mesh(self._state), cfg))
         self._slots: list[Request | None] = [None] * self.max_batch
         b = self.max_batch
         self._token, self._position, self._generated = (np.zeros(b, np.int32) for _ in range(3))
@@ -172,6 +175,24 @@ class Engine:
         while self.step():
             pass
         return [r.completion for r in requests]
+
+    def warm_up(self) -> int:
+        """Compile ahead of the first requests: a one-prompt prefill and the decode chunk of every span
+        bucket (16, 32, ..., max_len), each run with no active slot, so no request waits for a compile
+        when its context grows into the next bucket. Returns the number of decode programs."""
+        if any(r is not None for r in self._slots) or self._waiting:
+            raise RuntimeError("warm_up before any request is submitted")
+        self.generate([[0]], SamplingParams(max_tokens=1, temperature=0.0))
+        spans = sorted({_bucket(n, MIN_BUCKET, self.max_len) for n in
+                        (1 << k for k in range(self.max_len.bit_length() + 1))})
+        idle = np.zeros(self.max_batch, bool)
+        settings = RowSettings(self._temperature, self._top_k, self._top_p, self._seed)
+        for span in spans:
+            self._cache = decode_chunk_program(
+                self._graphdef, self._state, self._cache, self._token, self._position, self._generated, idle,
+                self._budget, self._eos, settings, steps=self.decode_chunk, span=span,
+                vocab_size=self.tokenizer.vocab_size, mesh=self.mesh)[0]
+        return len(spans)
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Run steps until `stop` is set, sleeping while there is nothing to do."""
@@ -352,6 +373,12 @@ def _batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in LOGICAL_RULES["batch"] if mesh is not None and mesh.shape[a] > 1)
 
 
+def _weights_mesh(state):
+    """The mesh the weights are placed on (None for weights on one device without a mesh)."""
+    sharding = getattr(jax.tree.leaves(state)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
 def batch_shards(mesh) -> int:
     return math.prod(mesh.shape[a] for a in _batch_axes(mesh))
 
@@ -361,7 +388,8 @@ def cache_sharding(mesh, cfg):
     (splitting MLA's heads would duplicate the latent; SGLang shards decode attention by batch too)."""
     if mesh is None:
         return None
-    spec = [None] * (cache_lib.seq_axis(cfg) - 1) + [_batch_axes(mesh) or None]
+    axes = _batch_axes(mesh)  # no trailing Nones: the spec compiled programs give their outputs
+    spec = [None] * (cache_lib.seq_axis(cfg) - 1) + [axes] if axes else []
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 

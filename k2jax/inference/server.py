@@ -732,10 +732,10 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1
     name = served_model_name or loaded.name
     log.info("model %s (step %s): engine max_batch %d, max_len %d", name, loaded.step, engine.max_batch,
              engine.max_len)
-    if warmup:  # compiles the prefill and decode programs before the first client waits for them
+    if warmup:  # compiles the prefill and every decode span before the first client waits for them
         started = time.monotonic()
-        engine.generate(["\n"], SamplingParams(max_tokens=2, temperature=0.0))
-        log.info("warm-up generation (compiles) took %.1f s", time.monotonic() - started)
+        programs = engine.warm_up()
+        log.info("warm-up: a prefill and %d decode programs compiled in %.1f s", programs, time.monotonic() - started)
     server = OpenAIServer(engine, loaded.tokenizer, name, stats_every=stats_every)
     config = uvicorn.Config(server.app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
     uv = _Uvicorn(config)

@@ -7,7 +7,7 @@ import pytest
 from k2jax.config import load_config
 from k2jax.data.tokenizer import ByteTokenizer
 from k2jax.generate import _with_weights
-from k2jax.inference.engine import Engine, SamplingParams
+from k2jax.inference.engine import Engine, SamplingParams, decode_chunk_program
 from k2jax.train.step import init_train_state
 
 PROMPTS = ["def f(x):", "import os\n", "a", "class B:", "x = [", "#"]
@@ -24,7 +24,10 @@ def test_sharded_engine_generates_what_one_device_does(mesh, batch_shards):
     assert engine.max_batch == batch_shards  # 3 slots rounded up to the batch shards (data/fsdp x expert)
     cache = jax.tree.leaves(engine._cache)[0]  # (L, B, S, C): one slot per batch shard, heads never split
     assert len(cache.sharding.device_set) == 8 and cache.addressable_shards[0].data.shape[1] == 1
+    engine.warm_up()
+    decode_programs = decode_chunk_program._cache_size()
     sharded = engine.generate(PROMPTS, params)
+    assert decode_chunk_program._cache_size() == decode_programs  # the cache comes back placed as it went in
     local = _with_weights(cfg, jax.device_get(state["params"]), jax.device_get(state["model_state"]))
     single = Engine(local, ByteTokenizer(), max_batch=8, max_len=64).generate(PROMPTS, params)
     assert [c.token_ids for c in sharded] == [c.token_ids for c in single]
