@@ -21,7 +21,7 @@ from flax import nnx
 
 from k2jax.config import Config, DataConfig, MeshConfig, load_config
 from k2jax.data import tokenizer as tokenizer_lib
-from k2jax.inference.engine import Completion, Engine, SamplingParams
+from k2jax.inference.engine import Completion, Engine, SamplingParams, encode_prompt
 from k2jax.model.transformer import Transformer
 from k2jax.train.checkpoint import Checkpointer, CheckpointError
 from k2jax.train.step import abstract_state, init_train_state
@@ -40,8 +40,7 @@ class LoadedRun:
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
         """The ids the model is given for `prompt` (bos first, where the tokenizer has one)."""
-        ids = self.tokenizer.encode(prompt)
-        return np.concatenate([[self.tokenizer.bos_id], ids]) if self.tokenizer.bos_id is not None else ids
+        return np.asarray(encode_prompt(self.tokenizer, prompt), np.int32)
 
     def engine(self, **kwargs) -> Engine:
         """A batching engine over this model (Engine's keyword arguments: max_batch, max_len, ...)."""

@@ -164,10 +164,8 @@ class Engine:
         return request
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a text prompt: the tokenizer's bos first, where it has one."""
-        ids = [int(i) for i in self.tokenizer.encode(text)]
-        bos = getattr(self.tokenizer, "bos_id", None)
-        return ([bos] if bos is not None else []) + ids
+        """Token ids of a text prompt (`encode_prompt`)."""
+        return encode_prompt(self.tokenizer, text)
 
     def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[Completion]:
         """Offline: complete every prompt (texts or id lists) and return their completions in order."""
@@ -348,6 +346,12 @@ class Engine:
         log.debug("request %d finished (%s): %d prompt + %d new tokens", request.id, reason,
                   len(request.prompt_ids), len(ids))
         request.done.set()
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids the model is given for a text prompt: the tokenizer's bos first, where it has one."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return ([bos] if bos is not None else []) + [int(i) for i in tokenizer.encode(text)]
 
 
 def _tokens_within(tokenizer, ids: list[int], chars: int) -> list[int]:
