@@ -268,10 +268,32 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One prepared corpus of a data mixture (`data.sources`)."""
+
+    path: str  # a directory written by `k2jax prepare`
+    weight: float = 1.0  # share of the training tokens, relative to the other sources' weights
+    max_epochs: Optional[float] = None  # refuse a run that would read this source's train split more often
+    name: Optional[str] = None  # in logs (data/tokens/NAME); default: the directory's name
+
+    def __post_init__(self):
+        _require(bool(self.path), "data.sources.path", "must name a prepared corpus directory")
+        _require(self.weight > 0, "data.sources.weight", f"must be positive, got {self.weight}")
+        _require(self.max_epochs is None or self.max_epochs > 0, "data.sources.max_epochs",
+                 f"must be positive or null, got {self.max_epochs}")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where text comes from and how it becomes fixed-length rows."""
 
     corpus: str = "stdlib"  # "stdlib" (Python's own sources), a directory, a .txt/.jsonl file
+    # a mixture of prepared corpora instead of `corpus` (k2jax/data/mixture.py); each {path, weight, max_epochs, name}
+    sources: tuple[SourceConfig, ...] = ()
     tokenizer: Literal["byte", "bpe"] = "byte"
     bpe_vocab_size: int = 1024
     seq_len: int = 128
@@ -284,6 +306,10 @@ class DataConfig:
         _require(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
         _require(self.bpe_vocab_size >= 260, "data.bpe_vocab_size", "must be >= 260")
         _require(self.max_corpus_bytes > 0, "data.max_corpus_bytes", "must be positive")
+        _require(not (self.sources and self.corpus != "stdlib"), "data.sources",
+                 f"set data.corpus ({self.corpus!r}) or data.sources, not both")
+        labels = [s.label for s in self.sources]
+        _require(len(set(labels)) == len(labels), "data.sources", f"names must differ, got {labels}")
 
 
 @dataclasses.dataclass(frozen=True)

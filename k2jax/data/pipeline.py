@@ -42,15 +42,18 @@ def _pairs(chunk: np.ndarray) -> dict:
     return {"inputs": chunk[:-1], "targets": chunk[1:]}
 
 
-def _rows(examples: grain.IterDataset, seq_len: int, batch_size: int, seed: int) -> grain.IterDataset:
+def packed_rows(examples: grain.IterDataset, seq_len: int, batch_size: int, seed: int,
+                fields: tuple[str, ...] = ("inputs", "targets")) -> grain.IterDataset:
+    """Batches of rows packed from `examples` (dicts of equal-length 1-D `fields`, inputs and targets first);
+    other fields come out as (B, T) int32 beside them, 0 in padding."""
     packed = grain.experimental.FirstFitPackIterDataset(
-        examples, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=PACKING_BINS,
+        examples, length_struct={f: seq_len for f in fields}, num_packing_bins=PACKING_BINS,
         seed=seed, shuffle_bins=False)
-    return packed.map(_to_batch_row).batch(batch_size, drop_remainder=True)
+    return packed.map(lambda ex: _to_batch_row(ex, fields)).batch(batch_size, drop_remainder=True)
 
 
-def _to_batch_row(ex: dict) -> dict:
-    return {"inputs": ex["inputs"].astype(np.int32), "targets": ex["targets"].astype(np.int32),
+def _to_batch_row(ex: dict, fields: tuple[str, ...]) -> dict:
+    return {**{f: ex[f].astype(np.int32) for f in fields},
             "segment_ids": ex["inputs_segment_ids"].astype(np.int32),
             "positions": ex["inputs_positions"].astype(np.int32)}
 
@@ -67,14 +70,14 @@ def shard_documents(texts: list[str], shard_index: int, shard_count: int) -> lis
 def train_iterator(chunks, seq_len: int, batch_size: int, *, seed: int):
     """Endless, epoch-reshuffled batches from a random-access sequence of token chunks."""
     ds = grain.MapDataset.source(chunks).shuffle(seed=seed).repeat().map(_pairs)
-    return iter(_rows(ds.to_iter_dataset(), seq_len, batch_size, seed))
+    return iter(packed_rows(ds.to_iter_dataset(), seq_len, batch_size, seed))
 
 
 def fixed_batches(chunks, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
     """The first `num_batches` packed batches of `chunks`, in order."""
     ds = grain.MapDataset.source(chunks).map(_pairs).to_iter_dataset()
     out = []
-    for batch in _rows(ds, seq_len, batch_size, seed=0):
+    for batch in packed_rows(ds, seq_len, batch_size, seed=0):
         out.append(batch)
         if len(out) == num_batches:
             break

@@ -4,14 +4,17 @@
 Parquet, a Hugging Face dataset), splits them into train and held-out by the
 MD5 of their names (the same rule as in-memory corpora), and writes
 
-  DIR/manifest.json                      format, tokenizer, per-split files and counts
+  DIR/manifest.json                      format, tokenizer, per-split files and counts, and the
+                                         settings and counts of each `k2jax rephrase` output read
   DIR/tokenizer/                         the tokenizer, loaded by every run on DIR
   DIR/{split}-{i:05d}.array_record       one record per document: int32 ids [bos, ..., eos]
   DIR/{split}-{i:05d}.lengths.npy        ids per record, so runs index chunks without a scan
 
-Everything is written into DIR.partial and renamed at the end, so DIR either
-is complete or does not exist. A run trains on DIR with `data.corpus: DIR`;
-chunks are cut at train time, so one prepared corpus serves any seq_len.
+A rephrase output directory is read through its manifests (committed parts only), and each
+rewrite falls in the split of the document it rewrites. Everything is written into DIR.partial
+and renamed at the end, so DIR either is complete or does not exist. A run trains on DIR with
+`data.corpus: DIR` (or on several with `data.sources`, k2jax/data/mixture.py); chunks are cut at
+train time, so one prepared corpus serves any seq_len.
 """
 
 from __future__ import annotations
@@ -37,9 +40,55 @@ def is_prepared(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
+REPHRASE_FORMAT = "k2jax-rephrase-v1"  # the manifests `k2jax rephrase` writes (k2jax/rephrase/job.py)
+
+
+def rephrase_manifests(source: str) -> list[dict]:
+    """The `k2jax rephrase` manifests of a directory (one per --shard worker; none for other sources)."""
+    path = Path(source)
+    if source.startswith("hf:") or not path.is_dir():
+        return []
+    manifests = []
+    for file in sorted(path.glob("*manifest.json")):
+        try:
+            manifest = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("format") == REPHRASE_FORMAT:
+            manifests.append(manifest)
+    return manifests
+
+
+def _iter_rephrased(directory: Path, manifests: list[dict], text_field: str) -> Iterator[corpus_lib.Document]:
+    """The rewrites in the parts the manifests commit (not a part a running or killed job left unlisted),
+    named by their ids, "{source_id}#{rephrasing}"."""
+    import pyarrow.parquet as pq
+
+    for manifest in manifests:
+        for part in manifest["parts"]:
+            file = directory / part["file"]
+            if file.suffix == ".parquet":
+                records = pq.read_table(file, columns=["id", text_field]).to_pylist()
+            else:
+                records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+            yield from ((r["id"], r[text_field]) for r in records if r[text_field].strip())
+
+
+def split_key(name: str) -> str:
+    """What decides a document's split: its name, or for a rewrite its source document's, so that every
+    rewrite of a document falls in the split the document itself falls in."""
+    source_id, sep, rephrasing = name.rpartition("#")
+    return source_id if sep and rephrasing.isdigit() else name
+
+
 def iter_source(source: str, text_field: str = "text",
                 report: corpus_lib.ReadReport | None = None) -> Iterator[corpus_lib.Document]:
-    """Documents of one source: a path (see corpus.iter_documents) or hf:NAME[:CONFIG][@SPLIT]."""
+    """Documents of one source: a `k2jax rephrase` output directory, a path (see corpus.iter_documents) or
+    hf:NAME[:CONFIG][@SPLIT]."""
+    manifests = rephrase_manifests(source)
+    if manifests:
+        yield from _iter_rephrased(Path(source), manifests, text_field)
+        return
     if not source.startswith("hf:"):
         yield from corpus_lib.iter_documents(source, text_field, report)
         return
@@ -135,7 +184,7 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
         pending = None  # the latest train document, written one behind so that it can be held out instead
         for name, text in documents():
             ids = document_ids(tok, text)
-            if corpus_lib.is_heldout(name, heldout_fraction):
+            if corpus_lib.is_heldout(split_key(name), heldout_fraction):
                 writers["heldout"].add(ids)
             else:
                 if pending is not None:
@@ -152,7 +201,9 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
         if not splits["train"]["documents"]:
             raise ConfigError(f"prepare: all {found} documents fell in the held-out split; lower --heldout-fraction")
         tok.save(partial / "tokenizer")
-        manifest = {"format": FORMAT, "sources": sources, "text_field": text_field,
+        provenance = {src: [{"settings": m["settings"], "counts": m["counts"]} for m in rephrase_manifests(src)]
+                      for src in sources if rephrase_manifests(src)}
+        manifest = {"format": FORMAT, "sources": sources, "provenance": provenance, "text_field": text_field,
                     "heldout_fraction": heldout_fraction, "tokenizer": tok.kind, "vocab_size": tok.vocab_size,
                     "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": splits,
                     "seconds": round(time.perf_counter() - start, 3)}
@@ -167,7 +218,7 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
 
 def _bpe_sample(documents, heldout_fraction: float, budget: int) -> list[str]:
     """Train-split texts up to `budget` bytes, to train a BPE tokenizer on."""
-    train_docs = (doc for doc in documents if not corpus_lib.is_heldout(doc[0], heldout_fraction))
+    train_docs = (doc for doc in documents if not corpus_lib.is_heldout(split_key(doc[0]), heldout_fraction))
     return [text for _, text in corpus_lib.within_bytes(train_docs, budget)]
 
 
@@ -187,6 +238,8 @@ class TokenChunks:
         self._doc = np.repeat(docs, [len(s) for s in per_doc])  # (chunks,) record index
         self._start = np.concatenate(per_doc) if per_doc else np.zeros(0, np.int64)  # (chunks,) offset
         self._seq_len = seq_len
+        # next-token pairs the chunks hold (the tokens they train on), e.g. to weigh a mixture by tokens
+        self.pairs = int(np.minimum(lengths[self._doc] - self._start, seq_len + 1).sum() - len(self._doc))
 
     def __len__(self) -> int:
         return len(self._doc)

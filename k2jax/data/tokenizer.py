@@ -150,18 +150,25 @@ def build_tokenizer(cfg: DataConfig, train_texts: list[str]):
 
 def from_spec(spec: str, train_texts=(), bpe_vocab_size: int = 8192, bos: str | None = None,
               eos: str | None = None):
-    """`byte`, `bpe` (trained on train_texts), a tokenizer.json path or a sentencepiece .model path."""
+    """`byte`, `bpe` (trained on train_texts), a tokenizer.json path, a sentencepiece .model path, or a directory
+    holding a saved tokenizer: a run's or a prepared corpus's (its tokenizer/), reused as it is."""
     if spec == "byte":
         return ByteTokenizer()
     if spec == "bpe":
         return BPETokenizer.train(list(train_texts), bpe_vocab_size)
     path = Path(spec)
+    if path.is_dir():
+        saved = next((d for d in (path, path / "tokenizer") if (d / "tokenizer_kind.json").is_file()), None)
+        if saved is None:
+            raise ValueError(f"tokenizer {spec!r}: the directory holds no saved tokenizer (tokenizer_kind.json, "
+                             f"itself or in tokenizer/)")
+        return load(saved)
     if path.suffix == ".json" and path.is_file():
         return HFTokenizer.from_file(path, bos, eos)
     if path.suffix == ".model" and path.is_file():
         return SentencePieceTokenizer.from_file(path)
-    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'bpe', an existing tokenizer.json or a "
-                     f"sentencepiece .model file")
+    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'bpe', an existing tokenizer.json, a "
+                     f"sentencepiece .model file or a directory with a saved tokenizer")
 
 
 def load(directory: str | Path):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from k2jax.config import Config, ConfigError, from_dict, to_dict, with_legacy_values
 from k2jax.data import corpus as corpus_lib
-from k2jax.data import pipeline, prepared, tokenizer as tokenizer_lib
+from k2jax.data import mixture, pipeline, prepared, tokenizer as tokenizer_lib
 from k2jax.eval import suite as suite_lib
 from k2jax.eval.scoring import ModelParts
 from k2jax.model import flops as flops_lib
@@ -99,11 +99,15 @@ def _check_writable(directory: Path) -> None:
 
 
 def _data(cfg: Config, out: Path, resume: bool):
-    """(this process's train chunks, held-out chunks, tokenizer, held-out texts: None for a prepared corpus)
-    from a prepared or in-memory corpus; nothing written."""
+    """(this process's train chunks (a mixture.Sources for data.sources), held-out chunks, tokenizer, held-out
+    texts: None for prepared corpora) from a mixture, a prepared or an in-memory corpus; nothing written."""
     seq_len, shard, shards = cfg.data.seq_len, jax.process_index(), jax.process_count()
     tok_dir = out / "tokenizer"
-    if prepared.is_prepared(cfg.data.corpus):
+    if cfg.data.sources:
+        sources = mixture.Sources(cfg.data.sources, seq_len, shard, shards)
+        sources.check_epochs(cfg.train.steps * distributed.local_batch_size(cfg.train.batch_size) * seq_len)
+        tok, train_chunks, heldout_chunks, heldout_docs = sources.tokenizer(), sources, sources.heldout_chunks(), None
+    elif prepared.is_prepared(cfg.data.corpus):
         corpus = prepared.PreparedCorpus(cfg.data.corpus)
         tok = corpus.tokenizer()
         train_chunks, heldout_chunks = corpus.chunks("train", seq_len, shard, shards), corpus.chunks("heldout", seq_len)
@@ -256,8 +260,9 @@ class _Batches(NamedTuple):
 def _batches(cfg: Config, setup, train_chunks, heldout_chunks) -> _Batches:
     """The batch layout over the mesh, the train iterator and the held-out batches on device."""
     sharding = batch_sharding(setup.mesh, (cfg.train.batch_size, cfg.data.seq_len))
-    train_iter = pipeline.train_iterator(train_chunks, cfg.data.seq_len,
-                                         distributed.local_batch_size(cfg.train.batch_size), seed=cfg.data.seed)
+    rows = distributed.local_batch_size(cfg.train.batch_size)
+    train_iter = (train_chunks.iterator(rows, cfg.data.seed) if isinstance(train_chunks, mixture.Sources) else
+                  pipeline.train_iterator(train_chunks, cfg.data.seq_len, rows, seed=cfg.data.seed))
     held_out = [distributed.from_replicated_host(b, sharding) for b in pipeline.fixed_batches(
         heldout_chunks, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
     return _Batches(sharding, train_iter, held_out)
@@ -382,6 +387,8 @@ class _Steps:
         tokens_per_s, step_time = self.throughput.measure()
         info.record.update(_log_record(info.host, tokens_per_s, self.flops_per_token, self.peak),
                            step_time=step_time)
+        if isinstance(self.batches.train, mixture.MixtureIterator):
+            info.record.update(_source_record(self.cfg, self.batches.train))
 
     def _evaluate(self, info: _StepInfo) -> None:
         """The held-out loss, into the record."""
@@ -526,6 +533,19 @@ def _own_iterator_state(data_state: dict) -> dict:
                               f"{jax.process_count()}; resume with the process count it was saved with (the "
                               f"mesh shape may change)")
     return states[jax.process_index()]
+
+
+def _source_record(cfg: Config, train: mixture.MixtureIterator) -> dict:
+    """data/tokens/NAME and data/epochs/NAME: tokens trained on so far per source, over all processes (a
+    collective: every process calls it at the same steps), and what they are in passes over its train split."""
+    per_process = distributed.allgather_json({"tokens": train.tokens.tolist(), "pairs": train.pairs})
+    tokens = np.sum([p["tokens"] for p in per_process], axis=0)
+    pairs = np.sum([p["pairs"] for p in per_process], axis=0)
+    record = {}
+    for source, seen, total in zip(cfg.data.sources, tokens, pairs):
+        record[f"data/tokens/{source.label}"] = int(seen)
+        record[f"data/epochs/{source.label}"] = float(seen / max(total, 1))
+    return record
 
 
 def _log_record(host: dict, tokens_per_s: float, flops_per_token: float, peak) -> dict:

@@ -127,7 +127,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None = None) -> None:
     """Panels: train/eval loss; per-layer max attention logit (tau dashed); for MoE models, each MoE
     layer's max/mean (solid) and min/mean (dashed) expert load; with an `eval` section, bits per byte
-    per text set and each task's acc (solid) and acc_norm (dashed); all over steps."""
+    per text set and each task's acc (solid) and acc_norm (dashed); with data.sources, the epochs trained on each
+    source; all over steps."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     records = {r["step"]: r for r in read_metrics(metrics_jsonl)}  # a resumed run re-logs steps: keep the last
@@ -136,10 +137,11 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
              for s in steps if records[s].get("expert_load_max_per_layer")]
     evals = sorted({k for r in records.values() for k in r if k.startswith("eval/")})
     bpb, tasks = [k for k in evals if k.startswith("eval/bpb/")], [k for k in evals if k.endswith("/acc")]
-    extra = [bool(loads), bool(bpb), bool(tasks)]
+    epochs = sorted({k for r in records.values() for k in r if k.startswith("data/epochs/")})
+    extra = [bool(loads), bool(bpb), bool(tasks), bool(epochs)]
     fig = Figure(figsize=(5.5 * (2 + sum(extra)), 4))
     ax_loss, ax_logit, *more = fig.subplots(1, 2 + sum(extra))
-    ax_load, ax_bpb, ax_tasks = (more.pop(0) if shown else None for shown in extra)
+    ax_load, ax_bpb, ax_tasks, ax_epochs = (more.pop(0) if shown else None for shown in extra)
     train = [(s, records[s]["loss"]) for s in steps if records[s].get("loss") is not None]
     evals = [(s, records[s]["eval_loss"]) for s in steps if records[s].get("eval_loss") is not None]
     if train:
@@ -171,6 +173,11 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
             ax_tasks.plot(*_series(records, steps, key + "_norm"), "--", color=line.get_color())
         ax_tasks.set(title="Task accuracy (acc solid, acc_norm dashed)", xlabel="step", ylabel="accuracy")
         ax_tasks.legend(fontsize="small")
+    if epochs:
+        for key in epochs:
+            ax_epochs.plot(*_series(records, steps, key), label=key.removeprefix("data/epochs/"))
+        ax_epochs.set(title="Data mixture: passes over each source", xlabel="step", ylabel="epochs trained")
+        ax_epochs.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
 
