@@ -277,15 +277,18 @@ def cmd_rephrase(args) -> int:
         raise ConfigError(f"--shard must be I/N (e.g. 0/4), got {args.shard!r}")
     if next(iter_source(args.source), None) is None:
         raise ConfigError(f"rephrase: {args.source} holds no documents")
+    if args.judge_model and args.fidelity != "judge":
+        raise ConfigError("--judge-model is the model of --fidelity judge; add --fidelity judge or leave it out")
     with Client(args.base_url, args.model, endpoint=args.endpoint, api_key=os.environ.get("OPENAI_API_KEY"),
                 timeout=args.timeout, retries=args.request_retries) as client:
         try:
             served = client.served_models()
         except GenerationError as e:
             raise GeneratorDown(str(e)) from None
-        if args.model not in served:
-            raise ConfigError(f"--model: the server at {args.base_url} serves {served}, not {args.model!r}")
-        check = make_check(args.fidelity, client, args.min_fidelity)
+        for flag, model in (("--model", args.model), ("--judge-model", args.judge_model)):
+            if model and model not in served:
+                raise ConfigError(f"{flag}: the server at {args.base_url} serves {served}, not {model!r}")
+        check = make_check(args.fidelity, client, args.min_fidelity, args.judge_model)
         if args.fidelity == "embedding":
             try:
                 client.embed(["a test sentence"])
@@ -294,7 +297,7 @@ def cmd_rephrase(args) -> int:
         job = Job(args.source, args.out, client, styles, rephrasings=args.rephrasings, concurrency=args.concurrency,
                   chunk_tokens=args.chunk_tokens, check=check, retries=args.retries, seed=args.seed,
                   temperature=args.temperature, max_tokens=args.max_tokens, shard_records=args.shard_records,
-                  shard=(int(index), int(count)), progress=sys.stderr.isatty())
+                  shard=(int(index), int(count)), file_format=args.format, progress=sys.stderr.isatty())
         s = job.run()
     print(f"{s['documents']:,} documents x {args.rephrasings} rephrasings: {s['rewrites']:,} rewrites, "
           f"{s['dropped']:,} dropped, {s['chunk_retries']:,} chunk retries, {s['completion_tokens']:,} tokens "
@@ -387,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", help="files, directories, 'stdlib', or hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--out", required=True, help="new directory to write (refused if it exists)")
     p.add_argument("--tokenizer", default="byte",
-                   help="byte | bpe (trained on the sources) | path to tokenizer.json | path to sentencepiece .model")
+                   help="byte | bpe (trained on the sources) | path to tokenizer.json | path to sentencepiece .model "
+                        "| a prepared corpus or run directory whose tokenizer to reuse (mixtures need one tokenizer)")
     p.add_argument("--bpe-vocab-size", type=int, default=8192)
     p.add_argument("--bos-token", help="bos token of a tokenizer.json (default: detected)")
     p.add_argument("--eos-token", help="eos token of a tokenizer.json (default: detected)")
@@ -468,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rephrase", help="rewrite a corpus through an OpenAI-compatible server, chunk by chunk "
                        "in several styles, with fidelity checks; resumable (rerun the same command)")
     p.add_argument("source", help="what `k2jax prepare` reads: a file, a directory, 'stdlib' or hf:NAME")
-    p.add_argument("--out", required=True, help="directory of the JSONL parts, manifest.json and summary.json")
+    p.add_argument("--out", required=True, help="directory of the parts, manifest.json and summary.json")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"], help="the parts' file format")
     p.add_argument("--base-url", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1 "
                    "(an API key, if it needs one, from $OPENAI_API_KEY)")
     p.add_argument("--model", required=True, help="the model name the server serves")
@@ -477,8 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="rewrites in flight at once")
     p.add_argument("--chunk-tokens", type=int, default=300, help="the longest chunk (tokens estimated)")
     p.add_argument("--max-tokens", type=int, help="max_tokens of a chunk's rewrite (default: 2 x chunk-tokens)")
-    p.add_argument("--fidelity", default="facts", choices=["facts", "embedding"], help="the check of every chunk")
-    p.add_argument("--min-fidelity", type=float, help="accept at this score (default: facts 0.9, embedding 0.85)")
+    p.add_argument("--fidelity", default="facts", choices=["facts", "embedding", "judge"], help="the check of "
+                   "every chunk: numbers and names kept, embedding cosine, or an LLM judge's score (1-5)")
+    p.add_argument("--min-fidelity", type=float, help="accept at this score in [0, 1] (default: facts 0.9, "
+                   "embedding 0.85, judge 0.75, i.e. 4 of 5)")
+    p.add_argument("--judge-model", help="the model that judges with --fidelity judge, on the same server "
+                   "(default: --model)")
     p.add_argument("--retries", type=int, default=3, help="new seeds for a chunk that fails, before the rewrite "
                    "is dropped")
     p.add_argument("--request-retries", type=int, default=6, help="tries again of a request that fails (429, "
@@ -487,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default="chat", choices=["chat", "completions"], help="the API the prompts go to")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0, help="the seed the request seeds derive from")
-    p.add_argument("--shard-records", type=int, default=1000, help="rewrites per JSONL part")
+    p.add_argument("--shard-records", type=int, default=1000, help="rewrites per part")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="this worker's part of the documents")
     p.set_defaults(fn=cmd_rephrase)
 

@@ -5,7 +5,9 @@ behind its style's marker (so a record's text can be checked against its source)
 the numbers of a chunk for some seeds (so the facts check rejects it and the chunk is
 retried) and always for a chunk holding ALWAYS_BAD (so its rewrite is dropped), and
 answers queued faults first: 429 (with a Retry-After), 500, 400, a timeout, a reply cut
-mid-body, a half JSON body.
+mid-body, a half JSON body. As a judge (a prompt of the judge's rubric, models "fake" and
+"judge") it gives 5 of 5, and 2 to a rewrite that lost a number, after the replies queued
+in `judge_replies`.
 """
 
 import collections
@@ -13,6 +15,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +24,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from k2jax import cli
 from k2jax.rephrase import chunking
 from k2jax.rephrase.client import Client, GenerationError
-from k2jax.rephrase.fidelity import EmbeddingCheck, FactsCheck
+from k2jax.rephrase.fidelity import EmbeddingCheck, FactsCheck, JudgeCheck, Unscored, parse_grade
 from k2jax.rephrase.job import Job
 from k2jax.rephrase.prompts import load_styles, shipped_sets
 
@@ -46,6 +50,7 @@ class FakeGenerator:
     def __init__(self, delay: float = 0.0, embeddings: bool = True):
         self.delay, self.embeddings = delay, embeddings
         self.faults: collections.deque[str] = collections.deque()
+        self.judge_replies: collections.deque[str] = collections.deque()
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -66,6 +71,14 @@ class FakeGenerator:
         while len(self.requests) < n and proc.poll() is None:
             assert time.monotonic() < deadline, f"{len(self.requests)} requests of {n} after {timeout} s"
             time.sleep(0.01)
+
+    def judge(self, prompt: str) -> str:
+        source, rewrite = re.search(r"SOURCE:\n(.*)\n\nREWRITE:\n(.*)\n\nScore:", prompt, re.S).groups()
+        with self.lock:
+            if self.judge_replies:
+                return self.judge_replies.popleft()
+        lost = set(re.findall(r"\d+", source)) - set(re.findall(r"\d+", rewrite))
+        return f"**2** - the rewrite lost {sorted(lost)}" if lost else "Score: 5/5"
 
     @staticmethod
     def rewrite(prompt: str, seed: int) -> str:
@@ -97,7 +110,8 @@ class FakeGenerator:
 
             def do_GET(self):
                 if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+                    models = [{"id": m, "object": "model"} for m in ("fake", "judge")]
+                    self._send(200, {"object": "list", "data": models})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
 
@@ -121,7 +135,8 @@ class FakeGenerator:
                     payload = {"data": [{"index": i, "embedding": v} for i, v in enumerate(vectors)]}
                 elif self.path in ("/v1/chat/completions", "/v1/completions"):
                     chat = self.path == "/v1/chat/completions"
-                    text = fake.rewrite(body["messages"][0]["content"] if chat else body["prompt"], body["seed"])
+                    prompt = body["messages"][0]["content"] if chat else body["prompt"]
+                    text = fake.judge(prompt) if "REWRITE:" in prompt else fake.rewrite(prompt, body["seed"])
                     choice = {"index": 0, "finish_reason": "stop",
                               **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
                     payload = {"choices": [choice], "usage": {"completion_tokens": len(text.split())}}
@@ -178,7 +193,11 @@ def _records(out: Path) -> list[dict]:
     manifest = json.loads((out / "manifest.json").read_text())
     records = []
     for part in manifest["parts"]:
-        records += [json.loads(line) for line in (out / part["file"]).read_text().splitlines()]
+        path = out / part["file"]
+        if path.suffix == ".parquet":
+            records += pq.read_table(path).to_pylist()
+        else:
+            records += [json.loads(line) for line in path.read_text().splitlines()]
     return records
 
 
@@ -244,7 +263,7 @@ def test_chunking_a_long_document_counts_each_part_a_few_times_only():
 # ---- prompts and fidelity ----
 
 def test_shipped_prompt_sets_load_and_bad_sets_are_refused(tmp_path):
-    assert {"knowledge", "math"} <= set(shipped_sets())
+    assert {"knowledge", "math"} <= set(shipped_sets()) and "judge" not in shipped_sets()  # the rubric is no set
     styles = load_styles("knowledge")
     assert len(styles) >= 4 and all("{chunk}" in s.template for s in styles)
     assert len({s.prompt_hash for s in styles}) == len(styles)
@@ -265,6 +284,15 @@ def test_facts_check_counts_numbers_and_names():
     assert check.score(source, "A tall tower in a city.") == 0.0
     assert 0.5 < check.score(source, "The Eiffel Tower in Paris, 330 m, counted 1000 by NASA.") < check.threshold
     assert check.score("no facts here.", "anything") == 1.0
+
+
+def test_judge_scores_parse_the_first_grade_from_1_to_5():
+    for reply, grade in (("5", 5), ("Score: 4/5", 4), ("**2** - it lost 1889", 2), ("I'd say 3 out of 5.", 3),
+                         ("10 facts; grade 4", 4), ("2.5, so 3", 3), (" 1\n", 1)):
+        assert parse_grade(reply) == grade, reply
+    for reply in ("", "Faithful.", "0/5", "Score: 0", "7"):
+        with pytest.raises(Unscored):
+            parse_grade(reply)
 
 
 def test_embedding_check_uses_the_server(fake):
@@ -344,12 +372,13 @@ def _cli(fake_url: str, source: Path, out: Path, styles: Path, *extra: str) -> l
             str(styles), "--rephrasings", "2", "--chunk-tokens", "12", "--shard-records", "3", *extra]
 
 
-def test_kill_at_random_points_then_rerun_gives_every_pair_exactly_once(fake, tmp_path):
+@pytest.mark.parametrize("file_format", ["jsonl", "parquet"])
+def test_kill_at_random_points_then_rerun_gives_every_pair_exactly_once(fake, tmp_path, file_format):
     source = _corpus(tmp_path / "docs.jsonl", n=12, seed=1)
     styles, out = tmp_path / "styles.yaml", tmp_path / "out"
     styles.write_text(STYLES)
     fake.delay = 0.01
-    argv = _cli(fake.url, source, out, styles, "--concurrency", "4")
+    argv = _cli(fake.url, source, out, styles, "--concurrency", "4", "--format", file_format)
     rng = random.Random(0)
     for _ in range(2):  # SIGKILL once some random number of requests is answered
         proc = subprocess.Popen([sys.executable, "-m", "k2jax.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -360,12 +389,15 @@ def test_kill_at_random_points_then_rerun_gives_every_pair_exactly_once(fake, tm
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-    (out / "part-00999.jsonl.tmp").write_text('{"id": "half')  # as a kill inside a write leaves it
+    (out / f"part-00999.{file_format}.tmp").write_text('{"id": "half')  # as a kill inside a write leaves it
+    (out / f"part-00998.{file_format}").write_text("")  # a part no manifest lists: deleted
     fake.delay = 0.0
     assert cli.main(argv) == 0
     ids = _outcome_ids(out)
     assert sorted(ids) == sorted(f"docs.jsonl:{d}#{r}" for d in range(12) for r in range(2))
     assert not list(out.glob("*.tmp"))
+    listed = {p["file"] for p in json.loads((out / "manifest.json").read_text())["parts"]}
+    assert {p.name for p in out.glob("part-*")} == listed and {Path(f).suffix for f in listed} == {f".{file_format}"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rewrites"] + summary["dropped"] == 24 and summary["pairs_this_launch"] < 24
     assert cli.main(argv) == 0  # a finished job: nothing to do
@@ -387,16 +419,17 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_crash_between_part_and_manifest_is_undone_on_rerun(fake, tmp_path):
+@pytest.mark.parametrize("file_format", ["jsonl", "parquet"])
+def test_crash_between_part_and_manifest_is_undone_on_rerun(fake, tmp_path, file_format):
     source = _corpus(tmp_path / "docs.jsonl", n=8, seed=2)
     styles, out = tmp_path / "styles.yaml", tmp_path / "out"
     styles.write_text(STYLES)
-    argv = _cli(fake.url, source, out, styles, "--concurrency", "1")
+    argv = _cli(fake.url, source, out, styles, "--concurrency", "1", "--format", file_format)
     proc = subprocess.run([sys.executable, "-c", CRASH_BETWEEN_PART_AND_MANIFEST, *argv], cwd=ROOT, timeout=120)
     assert proc.returncode == 9
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [p["file"] for p in manifest["parts"]] == ["part-00000.jsonl"]
-    assert (out / "part-00001.jsonl").is_file()  # written, never committed
+    assert [p["file"] for p in manifest["parts"]] == [f"part-00000.{file_format}"]
+    assert (out / f"part-00001.{file_format}").is_file()  # written, never committed
     assert cli.main(argv) == 0
     assert sorted(_outcome_ids(out)) == sorted(f"docs.jsonl:{d}#{r}" for d in range(8) for r in range(2))
     assert not list(out.glob("*.tmp"))
@@ -432,6 +465,62 @@ def test_embedding_fidelity_end_to_end(fake, tmp_path):
     assert sum("input" in q for q in fake.requests) >= sum(len(r["chunks"]) for r in records)
 
 
+def test_judge_rejects_a_rewrite_that_lost_facts_and_the_chunk_is_retried(fake, tmp_path):
+    source = _corpus(tmp_path / "docs.jsonl", n=4, seed=6)
+    styles, out = tmp_path / "styles.yaml", tmp_path / "out"
+    styles.write_text(STYLES)
+    fake.faults.extend(["ok", "429"])  # one at a time: the 2nd request is the first judge's, retried
+    fake.judge_replies.append("The rewrite reads well.")  # no score: that chunk fails the check
+    argv = _cli(fake.url, source, out, styles, "--fidelity", "judge", "--judge-model", "judge", "--concurrency", "1")
+    assert cli.main([*argv, "--request-retries", "2", "--retries", "5"]) == 0
+    docs = [json.loads(line)["text"] for line in source.read_text().splitlines()]
+    records = _records(out)
+    assert sorted(r["id"] for r in records) == sorted(f"docs.jsonl:{d}#{r}" for d in (0, 1, 2) for r in (0, 1))
+    assert all(r["fidelity_check"] == "judge" and c["fidelity"] == 1.0 for r in records for c in r["chunks"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dropped"] == 2 and summary["request_failures"] == {"rate_limited": 1}
+    assert summary["chunk_failures"]["unscored"] == 1 and summary["chunk_failures"]["unfaithful"] > 2
+    assert any(c["attempts"] > 1 for r in records for c in r["chunks"])
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert settings["fidelity"] == "judge" and settings["min_fidelity"] == 0.75 and settings["judge_model"] == "judge"
+    judged = [q for q in fake.requests if q["model"] == "judge"]
+    assert judged and all(q["temperature"] == 0 and "seed" not in q for q in judged)
+    assert all(q["model"] == "fake" for q in fake.requests if "STYLE" in q["messages"][0]["content"])
+    prompts = {q["messages"][0]["content"] for q in judged}
+    with Client(fake.url, "fake") as client:
+        rubric = JudgeCheck(client).rubric
+    for r in records:  # each accepted chunk was judged on its source and its rewrite
+        for c in r["chunks"]:
+            chunk = docs[int(r["source_id"].split(":")[1])][slice(*c["span"])].strip()
+            assert rubric.format(source=chunk, rewrite=f"[{r['style']}] {chunk}") in prompts
+    assert any(re.search(r"\d", q.split("REWRITE:")[0]) and not re.search(r"\d", q.split("REWRITE:")[1])
+               for q in prompts)  # a rewrite without the numbers was judged (and rejected)
+
+
+def test_parquet_parts_hold_the_jsonl_records_prepare_reads_them_and_a_format_change_is_refused(
+        fake, tmp_path, capsys):
+    source = _corpus(tmp_path / "docs.jsonl", n=6, seed=7)
+    styles = tmp_path / "styles.yaml"
+    styles.write_text(STYLES)
+    for file_format in ("jsonl", "parquet"):  # a part per pair: the dropped pairs' parts hold no records
+        argv = _cli(fake.url, source, tmp_path / file_format, styles, "--format", file_format, "--shard-records", "1",
+                    "--concurrency", "1")
+        assert cli.main(argv) == 0
+    parquet = tmp_path / "parquet"
+    assert sorted(p.name for p in parquet.glob("part-*")) == [f"part-{i:05d}.parquet" for i in range(12)]
+    assert sorted(pq.read_table(p).num_rows for p in parquet.glob("part-*")) == [0, 0] + [1] * 10
+    by_id = lambda records: sorted(records, key=lambda r: r["id"])  # noqa: E731
+    assert by_id(_records(parquet)) == by_id(_records(tmp_path / "jsonl")) and len(_records(parquet)) == 10
+    capsys.readouterr()
+    assert cli.main(_cli(fake.url, source, parquet, styles, "--format", "jsonl")) == 2
+    assert "format: 'parquet' there, 'jsonl' now" in capsys.readouterr().err
+    shutil.copy(parquet / "part-00000.parquet", parquet / "part-00012.parquet")  # uncommitted, as a kill leaves it
+    assert cli.main(["prepare", str(parquet), "--out", str(tmp_path / "prepared")]) == 0
+    manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    assert sum(split["documents"] for split in manifest["splits"].values()) == 10  # committed parts only
+    assert manifest["provenance"][str(parquet)][0]["settings"]["format"] == "parquet"
+
+
 def test_shards_of_workers_together_hold_every_pair_once(fake, tmp_path):
     source = _corpus(tmp_path / "docs.jsonl", n=10, seed=3)
     styles, out = tmp_path / "styles.yaml", tmp_path / "out"
@@ -456,7 +545,10 @@ def test_bad_inputs_are_one_line_errors_before_any_work(fake, tmp_path, capsys):
     try:
         cases = [
             (_cli(down, source, out, styles), 6, "no OpenAI-compatible server answers"),
-            (_cli(fake.url, source, out, styles, "--model", "other"), 2, "serves ['fake'], not 'other'"),
+            (_cli(fake.url, source, out, styles, "--model", "other"), 2, "serves ['fake', 'judge'], not 'other'"),
+            (_cli(fake.url, source, out, styles, "--fidelity", "judge", "--judge-model", "other"), 2,
+             "--judge-model: the server at"),
+            (_cli(fake.url, source, out, styles, "--judge-model", "judge"), 2, "add --fidelity judge"),
             (_cli(fake.url, tmp_path / "missing", out, styles), 2, "neither 'stdlib' nor an existing file"),
             (_cli(fake.url, source, out, tmp_path / "none.yaml"), 2, "neither a shipped prompt set"),
             (_cli(fake.url, source, out, styles, "--shard", "3"), 2, "--shard must be I/N"),

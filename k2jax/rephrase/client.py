@@ -78,9 +78,10 @@ class Client:
             raise GenerationError("connection", f"no OpenAI-compatible server answers at {self.base_url}/models "
                                   f"({type(e).__name__}: {e})") from None
 
-    def generate(self, prompt: str, *, max_tokens: int, temperature: float = 1.0, seed: int | None = None) -> Reply:
-        """One completion of `prompt` (sent as the user message for chat)."""
-        body = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
+    def generate(self, prompt: str, *, max_tokens: int, temperature: float = 1.0, seed: int | None = None,
+                 model: str | None = None) -> Reply:
+        """One completion of `prompt` (sent as the user message for chat) by `model` (default: the client's)."""
+        body = {"model": model or self.model, "max_tokens": max_tokens, "temperature": temperature}
         if seed is not None:
             body["seed"] = seed
         if self.endpoint == "chat":

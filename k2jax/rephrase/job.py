@@ -5,10 +5,10 @@ Each document is cut into chunks (chunking.py); rephrasing r of document d uses 
 The chunks are rewritten in order, each prompt carrying the rewrite so far (the latest chunk
 rewrites that fit in 2T tokens) and the chunk; the rewrites are joined with the source's
 separators (a blank line, a newline or a space). A chunk whose rewrite fails the fidelity
-check, is cut off by max_tokens, comes back empty or is refused by the server (HTTP 4xx) is
-tried again with another seed, `retries` times; then the rewrite is dropped and recorded as
-dropped. A server that keeps failing (the client's retries spent on 429/5xx/timeouts/...)
-stops the job (GeneratorDown); what was finished is kept.
+check (or gets no score from the judge), is cut off by max_tokens, comes back empty or is
+refused by the server (HTTP 4xx) is tried again with another seed, `retries` times; then the
+rewrite is dropped and recorded as dropped. A server that keeps failing (the client's retries
+spent on 429/5xx/timeouts/...) stops the job (GeneratorDown); what was finished is kept.
 
 Output in OUT (with `shard=(i, n)`, n > 1, every name starts with `w{i:03d}of{n:03d}-`, so the n
 workers can share OUT):
@@ -17,6 +17,7 @@ workers can share OUT):
                         rephrasing, style, prompt_set, prompt_hash, model, fidelity_check,
                         chunks ([{index, span: [start, end) in the source, seed, attempts, fidelity}]),
                         completion_tokens
+  (part-00000.parquet   with file_format="parquet": the same records as rows, chunks a list of structs)
   manifest.json         settings, the committed parts (each with the ids dropped with it) and counts
   summary.json          the counts, written at the end of every launch
 
@@ -42,13 +43,13 @@ from pathlib import Path
 from typing import Iterator
 
 from k2jax.config import ConfigError
-from k2jax.data.prepared import iter_source
+from k2jax.data.prepared import REPHRASE_FORMAT as FORMAT, iter_source
 from k2jax.rephrase.chunking import TokenCounter, chunk_text, estimate_tokens
 from k2jax.rephrase.client import Client, GenerationError
-from k2jax.rephrase.fidelity import Check, FactsCheck
+from k2jax.rephrase.fidelity import Check, FactsCheck, JudgeCheck, Unscored
 from k2jax.rephrase.prompts import Style
 
-FORMAT = "k2jax-rephrase-v1"
+FILE_FORMATS = ("jsonl", "parquet")
 
 
 class GeneratorDown(Exception):
@@ -76,10 +77,10 @@ def _digest(*parts) -> int:
     return int.from_bytes(hashlib.md5("/".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -88,6 +89,31 @@ def _atomic_write(path: Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _parquet(records: list[dict]) -> bytes:
+    """The records as one Parquet file, with a fixed schema (so a part without records has the columns too)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chunk = pa.struct([("index", pa.int64()), ("span", pa.list_(pa.int64())), ("seed", pa.int64()),
+                       ("attempts", pa.int64()), ("fidelity", pa.float64())])
+    schema = pa.schema([*((k, pa.string()) for k in ("id", "text", "source_id")), ("rephrasing", pa.int64()),
+                        *((k, pa.string()) for k in ("style", "prompt_set", "prompt_hash", "model", "fidelity_check")),
+                        ("chunks", pa.list_(chunk)), ("completion_tokens", pa.int64())])
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _ids(part: Path) -> list[str]:
+    """The record ids of a part file."""
+    if part.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(part, columns=["id"]).column("id").to_pylist()
+    with open(part) as f:
+        return [json.loads(line)["id"] for line in f if line.strip()]
 
 
 def _separator(chunk: str) -> str:
@@ -102,7 +128,7 @@ class Job:
     def __init__(self, source: str, out_dir: str | Path, client: Client, styles: list[Style], *,
                  rephrasings: int = 1, concurrency: int = 8, chunk_tokens: int = 300, check: Check | None = None,
                  retries: int = 3, seed: int = 0, temperature: float = 0.7, max_tokens: int | None = None,
-                 shard_records: int = 1000, shard: tuple[int, int] = (0, 1),
+                 shard_records: int = 1000, shard: tuple[int, int] = (0, 1), file_format: str = "jsonl",
                  count_tokens: TokenCounter = estimate_tokens, progress: bool = False):
         for name, value, low in (("rephrasings", rephrasings, 1), ("concurrency", concurrency, 1),
                                  ("chunk-tokens", chunk_tokens, 1), ("retries", retries, 0),
@@ -111,12 +137,14 @@ class Job:
                 raise ConfigError(f"--{name} must be at least {low}, got {value}")
         if not 0 <= shard[0] < shard[1]:
             raise ConfigError(f"--shard I/N needs 0 <= I < N, got {shard[0]}/{shard[1]}")
+        if file_format not in FILE_FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FILE_FORMATS)}, got {file_format!r}")
         self.source, self.out = str(source), Path(out_dir)
         self.client, self.styles, self.check = client, styles, check or FactsCheck()
         self.rephrasings, self.concurrency, self.chunk_tokens = rephrasings, concurrency, chunk_tokens
         self.retries, self.seed, self.temperature = retries, seed, temperature
         self.max_tokens = max_tokens or 2 * chunk_tokens
-        self.shard_records, self.shard, self.count = shard_records, shard, count_tokens
+        self.shard_records, self.shard, self.format, self.count = shard_records, shard, file_format, count_tokens
         self.progress = progress
         self.prefix = "" if shard[1] == 1 else f"w{shard[0]:03d}of{shard[1]:03d}-"
         self._stop = threading.Event()
@@ -129,7 +157,9 @@ class Job:
                 "styles": {s.name: s.prompt_hash for s in self.styles}, "rephrasings": self.rephrasings,
                 "chunk_tokens": self.chunk_tokens, "fidelity": self.check.name, "min_fidelity": self.check.threshold,
                 "retries": self.retries, "seed": self.seed, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "shard": list(self.shard)}
+                "max_tokens": self.max_tokens, "shard": list(self.shard), "format": self.format,
+                **({"judge_model": self.check.model, "judge_rubric": self.check.rubric_hash}
+                   if isinstance(self.check, JudgeCheck) else {})}
 
     def _path(self, name: str) -> Path:
         return self.out / f"{self.prefix}{name}"
@@ -151,13 +181,12 @@ class Job:
         else:
             manifest = {"format": FORMAT, "settings": self.settings(), "parts": [], "counts": {}}
         listed = {p["file"] for p in manifest["parts"]}
-        for stray in [*self.out.glob(f"{self.prefix}*.tmp"), *self.out.glob(f"{self.prefix}part-*.jsonl")]:
+        for stray in {*self.out.glob(f"{self.prefix}*.tmp"), *self.out.glob(f"{self.prefix}part-*")}:
             if stray.name not in listed and (self.prefix or stray.name.startswith(("part-", "manifest", "summary"))):
                 stray.unlink()
         done = set()
         for part in manifest["parts"]:
-            with open(self.out / part["file"]) as f:
-                done.update(json.loads(line)["id"] for line in f if line.strip())
+            done.update(_ids(self.out / part["file"]))
             done.update(part["dropped"])
         return manifest, done
 
@@ -165,9 +194,10 @@ class Job:
         """A new part holding `outcomes` (none: only the counts are updated), then the manifest listing it."""
         parts = manifest["parts"]
         if outcomes:
-            name = f"{self.prefix}part-{len(parts):05d}.jsonl"
+            name = f"{self.prefix}part-{len(parts):05d}.{self.format}"
             records = [o.record for o in outcomes if o.record is not None]
-            _atomic_write(self.out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            _atomic_write(self.out / name, _parquet(records) if self.format == "parquet" else
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             parts = parts + [{"file": name, "records": len(records),
                               "dropped": {o.id: o.dropped for o in outcomes if o.record is None}}]
         new = {**manifest, "parts": parts, "counts": dict(counts)}
@@ -223,7 +253,10 @@ class Job:
             if reply.finish_reason == "length" or not text:
                 counts["chunk_cut_off" if text else "chunk_empty"] += 1
                 return None
-            score = self.check.score(chunk, text)  # the embedding check asks the server too
+            score = self.check.score(chunk, text)  # the embedding and judge checks ask the server too
+        except Unscored:
+            counts["chunk_unscored"] += 1
+            return None
         except GenerationError as e:
             if e.kind != "rejected":
                 raise GeneratorDown(f"{e}; the finished rewrites are kept in {self.out}: run the same command "

@@ -1,8 +1,9 @@
 """Prompt sets: YAML files of named styles, each a template with {previous} and {chunk}.
 
 Shipped sets live in k2jax/rephrase/prompts/ (`knowledge`: styles and perspectives for
-knowledge text; `math`: learning notes); `--styles` takes one of their names or a path
-to a YAML file of the same shape:
+knowledge text; `math`: learning notes; judge.yaml there is not a set but the rubric of
+`--fidelity judge`); `--styles` takes one of their names or a path to a YAML file of the
+same shape:
 
     name: my-set
     styles:
@@ -22,6 +23,7 @@ import yaml
 from k2jax.config import ConfigError
 
 SHIPPED = Path(__file__).parent / "prompts"
+JUDGE = SHIPPED / "judge.yaml"  # the rubric of --fidelity judge (fidelity.py), not a prompt set
 FIELDS = {"previous", "chunk"}
 
 
@@ -41,7 +43,7 @@ class Style:
 
 
 def shipped_sets() -> list[str]:
-    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml") if p != JUDGE)
 
 
 def load_styles(spec: str) -> list[Style]:
