@@ -43,13 +43,13 @@ def _pairs(chunk: np.ndarray) -> dict:
 
 
 def packed_rows(examples: grain.IterDataset, seq_len: int, batch_size: int, seed: int,
-                fields: tuple[str, ...] = ("inputs", "targets")) -> grain.IterDataset:
+                fields: tuple[str, ...] = ("inputs", "targets"), drop_remainder: bool = True) -> grain.IterDataset:
     """Batches of rows packed from `examples` (dicts of equal-length 1-D `fields`, inputs and targets first);
     other fields come out as (B, T) int32 beside them, 0 in padding."""
     packed = grain.experimental.FirstFitPackIterDataset(
         examples, length_struct={f: seq_len for f in fields}, num_packing_bins=PACKING_BINS,
         seed=seed, shuffle_bins=False)
-    return packed.map(lambda ex: _to_batch_row(ex, fields)).batch(batch_size, drop_remainder=True)
+    return packed.map(lambda ex: _to_batch_row(ex, fields)).batch(batch_size, drop_remainder=drop_remainder)
 
 
 def _to_batch_row(ex: dict, fields: tuple[str, ...]) -> dict:
@@ -74,14 +74,16 @@ def train_iterator(chunks, seq_len: int, batch_size: int, *, seed: int):
 
 
 def fixed_batches(chunks, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
-    """The first `num_batches` packed batches of `chunks`, in order."""
+    """The first `num_batches` packed batches of `chunks`, in order; held-out text that fills no whole batch
+    gives one batch whose missing rows are padding (segment id 0, not scored)."""
     ds = grain.MapDataset.source(chunks).map(_pairs).to_iter_dataset()
     out = []
-    for batch in packed_rows(ds, seq_len, batch_size, seed=0):
-        out.append(batch)
+    for batch in packed_rows(ds, seq_len, batch_size, seed=0, drop_remainder=False):
+        if len(batch["inputs"]) < batch_size and out:
+            break
+        out.append({k: np.pad(v, ((0, batch_size - len(v)), (0, 0))) for k, v in batch.items()})
         if len(out) == num_batches:
             break
     if not out:
-        raise ConfigError(f"data.heldout_fraction: held-out text fills no batch of {batch_size} rows; "
-                          f"raise data.heldout_fraction or data.max_corpus_bytes, or lower train.batch_size")
+        raise ConfigError("data: the held-out split holds no text to evaluate on; raise data.heldout_fraction")
     return out
