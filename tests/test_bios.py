@@ -85,7 +85,8 @@ def test_people_and_bios(data):
 def test_qa(data):
     people = {p["id"]: p for p in read(data / "people.jsonl")}
     train = {r["id"]: r["text"] for r in read(data / "qa_train.jsonl")}
-    assert sorted(train) == sorted(f"qa-{i}" for i, p in people.items() if p["split"] == "train")
+    assert sorted(train) == sorted(f"qa-{i}/{a}" for i, p in people.items() if p["split"] == "train"
+                                   for a in bios.ATTRIBUTES)
     for name, split in (("qa_trainpeople.jsonl", "train"), ("qa_heldout.jsonl", "heldout")):
         items = read(data / name)
         assert len(items) == 6 * 100
@@ -95,7 +96,7 @@ def test_qa(data):
             assert person["split"] == split and item["answers"] == [person[attribute]]
             assert item["prompt"] == f"Question: {item['question']}\nAnswer:" and person["name"] in item["question"]
             if split == "train":  # the training text holds the prompt, then the answer
-                assert f"{item['prompt']} {person[attribute]}.\n" in train[f"qa-{pid}"] + "\n"
+                assert train[f"qa-{pid}/{attribute}"] == f"{item['prompt']} {person[attribute]}."
 
 
 def test_pools_share_no_word():

@@ -4,7 +4,7 @@
 
   people.jsonl         one person a line: id, name, gender, the six attributes, split (train|heldout)
   bios_raw.jsonl       {"id", "text"}: one biography per person, six sentences in ATTRIBUTES order
-  qa_train.jsonl       {"id", "text"}: the six questions and answers of each train person (training text)
+  qa_train.jsonl       {"id", "text"}: each train person's six questions and answers, one per record (training text)
   qa_trainpeople.jsonl QA eval items (k2jax/eval/qa.py) of the train people, one per (person, attribute)
   qa_heldout.jsonl     the same for the held-out people, whose QA is never trained on
 
@@ -209,9 +209,12 @@ def qa_pairs(person: dict) -> list[tuple[str, str, str]]:
     return [(a, QUESTIONS[a].format(name=person["name"]), person[a]) for a in ATTRIBUTES]
 
 
-def qa_text(person: dict) -> str:
-    """The training text of a person's QA: "Question: ...\\nAnswer: VALUE." six times, one per line pair."""
-    return "\n".join(f"Question: {q}\nAnswer: {v}." for _, q, v in qa_pairs(person))
+def qa_records(person: dict) -> list[dict]:
+    """The training text of a person's QA: one document per question, "Question: ...\\nAnswer: VALUE.", so that
+    every question is trained at a document's start, where the evaluation asks it (a model this small learns a
+    question asked after another person's answers but cannot answer it alone)."""
+    return [{"id": f"qa-{person['id']}/{attribute}", "text": f"Question: {q}\nAnswer: {v}."}
+            for attribute, q, v in qa_pairs(person)]
 
 
 def qa_items(person: dict) -> list[dict]:
@@ -243,7 +246,7 @@ def main(argv=None) -> None:
     heldout = [p for p in people if p["split"] == "heldout"]
     write_jsonl(out / "people.jsonl", people)
     write_jsonl(out / "bios_raw.jsonl", ({"id": p["id"], "text": raw_bio(p, args.seed)} for p in people))
-    write_jsonl(out / "qa_train.jsonl", ({"id": f"qa-{p['id']}", "text": qa_text(p)} for p in train))
+    write_jsonl(out / "qa_train.jsonl", (record for p in train for record in qa_records(p)))
     write_jsonl(out / "qa_trainpeople.jsonl", (item for p in train for item in qa_items(p)))
     write_jsonl(out / "qa_heldout.jsonl", (item for p in heldout for item in qa_items(p)))
     print(f"{len(people)} people ({len(train)} train, {len(heldout)} held out) -> {out}")
