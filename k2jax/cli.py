@@ -271,6 +271,19 @@ def cmd_rephrase(args) -> int:
     from k2jax.rephrase.job import GeneratorDown, Job
     from k2jax.rephrase.prompts import load_styles
 
+    if (args.base_url is None) == (args.local is None):
+        raise ConfigError("rephrase: give --base-url URL (a server) or --local RUN_DIR (the model in this process), "
+                          "one of the two")
+    if args.local is None and args.model is None:
+        raise ConfigError("rephrase: --base-url needs --model, the name of the model the server serves")
+    if args.local is None and args.max_len is not None:
+        raise ConfigError("--max-len is for --local (a server has its own)")
+    if args.local is not None and args.fidelity == "embedding":
+        raise ConfigError("--fidelity embedding needs a server's embeddings; with --local use --fidelity facts or "
+                          "judge")
+    if args.local is not None and (args.concurrency < 1 or (args.max_len is not None and args.max_len < 2)):
+        raise ConfigError(f"--concurrency (the engine's slots) must be at least 1 (got {args.concurrency}) and "
+                          f"--max-len at least 2 (got {args.max_len})")
     styles = load_styles(args.styles)
     index, _, count = args.shard.partition("/")
     if not (index.isdigit() and count.isdigit()):
@@ -279,15 +292,25 @@ def cmd_rephrase(args) -> int:
         raise ConfigError(f"rephrase: {args.source} holds no documents")
     if args.judge_model and args.fidelity != "judge":
         raise ConfigError("--judge-model is the model of --fidelity judge; add --fidelity judge or leave it out")
-    with Client(args.base_url, args.model, endpoint=args.endpoint, api_key=os.environ.get("OPENAI_API_KEY"),
-                timeout=args.timeout, retries=args.request_retries) as client:
+    if args.local is not None:
+        from k2jax.rephrase.local import LocalClient
+
+        # a directory that is not a run exits 3; the engine is compiled (warmed up) before any work
+        client = LocalClient(args.local, args.model, endpoint=args.endpoint, max_batch=args.concurrency,
+                             max_len=args.max_len)
+        where = args.local
+    else:
+        client = Client(args.base_url, args.model, endpoint=args.endpoint, api_key=os.environ.get("OPENAI_API_KEY"),
+                        timeout=args.timeout, retries=args.request_retries)
+        where = f"the server at {args.base_url}"
+    with client:
         try:
             served = client.served_models()
         except GenerationError as e:
             raise GeneratorDown(str(e)) from None
         for flag, model in (("--model", args.model), ("--judge-model", args.judge_model)):
             if model and model not in served:
-                raise ConfigError(f"{flag}: the server at {args.base_url} serves {served}, not {model!r}")
+                raise ConfigError(f"{flag}: {where} serves {served}, not {model!r}")
         check = make_check(args.fidelity, client, args.min_fidelity, args.judge_model)
         if args.fidelity == "embedding":
             try:
@@ -302,6 +325,10 @@ def cmd_rephrase(args) -> int:
     print(f"{s['documents']:,} documents x {args.rephrasings} rephrasings: {s['rewrites']:,} rewrites, "
           f"{s['dropped']:,} dropped, {s['chunk_retries']:,} chunk retries, {s['completion_tokens']:,} tokens "
           f"generated ({s['pairs_this_launch']:,} pairs in this launch) -> {args.out}")
+    if args.local is not None:
+        stats = client.engine.stats
+        print(f"engine: {stats['decode_rows'] / max(stats['decode_calls'], 1):.1f} requests per decode call "
+              f"on average, {client.engine.max_batch} slots")
     return 0
 
 
@@ -469,14 +496,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model name clients send (default: the run directory's name)")
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("rephrase", help="rewrite a corpus through an OpenAI-compatible server, chunk by chunk "
-                       "in several styles, with fidelity checks; resumable (rerun the same command)")
+    p = sub.add_parser("rephrase", help="rewrite a corpus through an OpenAI-compatible server (or a run loaded "
+                       "here: --local), chunk by chunk in several styles, with fidelity checks; resumable (rerun the "
+                       "same command)")
     p.add_argument("source", help="what `k2jax prepare` reads: a file, a directory, 'stdlib' or hf:NAME")
     p.add_argument("--out", required=True, help="directory of the parts, manifest.json and summary.json")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"], help="the parts' file format")
-    p.add_argument("--base-url", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1 "
-                   "(an API key, if it needs one, from $OPENAI_API_KEY)")
-    p.add_argument("--model", required=True, help="the model name the server serves")
+    p.add_argument("--base-url", help="the server's API root, e.g. http://127.0.0.1:8000/v1 (an API key, if it "
+                   "needs one, from $OPENAI_API_KEY)")
+    p.add_argument("--local", metavar="RUN_DIR", help="instead of --base-url: generate in this process from a run "
+                   "directory (or a `k2jax export` one), the concurrent requests batched by one engine with "
+                   "--concurrency slots")
+    p.add_argument("--model", help="the model name the server serves; with --local, the name recorded (default: "
+                   "the run directory's name)")
+    p.add_argument("--max-len", type=int, help="with --local: the longest prompt + max_tokens; the KV cache holds "
+                   "concurrency x max-len positions (default: the model's max_seq_len)")
     p.add_argument("--styles", default="knowledge", help="a shipped prompt set (knowledge, math) or a YAML file")
     p.add_argument("--rephrasings", type=int, default=1, help="rewrites per document, in different styles")
     p.add_argument("--concurrency", type=int, default=8, help="rewrites in flight at once")

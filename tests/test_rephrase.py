@@ -569,3 +569,75 @@ def test_bad_inputs_are_one_line_errors_before_any_work(fake, tmp_path, capsys):
         assert "\n" not in err
     finally:
         no_embeddings.close()
+
+
+# ---- --local: the generator in this process ----
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny run trained (with test_serve.py's config, so its train step comes from the compilation cache) on
+    short sentences, so that its gibberish often ends (eos) before --max-tokens as a real model's rewrite would."""
+    import contextlib
+    import io
+
+    from k2jax.config import load_config
+    from k2jax.train.loop import train
+
+    root = tmp_path_factory.mktemp("local")
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on in house tree river old new small big red".split()
+    corpus = root / "sentences.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(2, 5))) + "."}) + "\n"
+                              for _ in range(3000)))
+    out = root / "tiny-run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(load_config(ROOT / "experiments" / "tiny.yaml", [
+            f"train.out_dir={out}", f"data.corpus={corpus}", "train.progress=false", "train.log_every=1",
+            "checkpoint.async_save=false"]))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:generation reaches position")  # the prompts are longer than its 64-token rows
+def test_local_run_batches_the_concurrent_requests_and_a_seeded_rerun_is_identical(tiny_run, tmp_path, capsys):
+    source = tmp_path / "docs.jsonl"  # no numbers or names: the facts check passes whatever the text
+    source.write_text("".join(json.dumps({"text": f"the {w} sat by the river and looked at the water."}) + "\n"
+                              for w in ("cat", "dog", "bird", "fox", "cow", "owl")))
+    styles = tmp_path / "styles.yaml"
+    styles.write_text(STYLES)
+    outputs = []
+    for out in (tmp_path / "out", tmp_path / "again"):
+        assert cli.main(["rephrase", str(source), "--out", str(out), "--local", str(tiny_run), "--styles",
+                         str(styles), "--rephrasings", "2", "--concurrency", "4", "--max-tokens", "16",
+                         "--max-len", "256"]) == 0
+        engine_line = capsys.readouterr().out.splitlines()[-1]
+        batch = float(re.fullmatch(r"engine: ([\d.]+) requests per decode call on average, 4 slots", engine_line)[1])
+        assert batch > 1.2, engine_line  # the job's 4 threads' requests decoded together, not one by one
+        assert sorted(_outcome_ids(out)) == sorted(f"docs.jsonl:{d}#{r}" for d in range(6) for r in range(2))
+        records = _records(out)
+        assert len(records) >= 6 and all(r["model"] == "tiny-run" and r["text"] for r in records)
+        assert json.loads((out / "manifest.json").read_text())["settings"]["model"] == "tiny-run"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["chunk_failures"].get("cut_off", 0) > 0  # cut off at --max-tokens: finish_reason "length"
+        outputs.append((sorted((r["id"], r["text"], r["chunks"]) for r in records), summary["chunk_failures"]))
+    assert outputs[0] == outputs[1]
+
+
+def test_local_errors_are_one_line_before_any_work(fake, tmp_path, capsys):
+    source = _corpus(tmp_path / "docs.jsonl", n=2)
+    out, not_a_run = tmp_path / "out", tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    base = ["rephrase", str(source), "--out", str(out)]
+    cases = [
+        ([*base, "--local", str(not_a_run), "--base-url", fake.url], 2, "give --base-url URL (a server) or --local"),
+        (base, 2, "give --base-url URL (a server) or --local"),
+        ([*base, "--base-url", fake.url], 2, "--base-url needs --model"),
+        ([*base, "--base-url", fake.url, "--model", "fake", "--max-len", "64"], 2, "--max-len is for --local"),
+        ([*base, "--local", str(not_a_run), "--fidelity", "embedding"], 2, "--fidelity embedding needs a server's"),
+        ([*base, "--local", str(not_a_run), "--concurrency", "0"], 2, "--concurrency (the engine's slots) must be"),
+        ([*base, "--local", str(not_a_run)], 3, f"{not_a_run} is not a run directory (no config.yaml)"),
+    ]
+    for argv, code, message in cases:
+        assert cli.main(argv) == code, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not out.exists(), argv
