@@ -182,12 +182,14 @@ def main(argv=None) -> None:
     parser.add_argument("--people", type=int, default=200)
     parser.add_argument("--exposures", type=int, default=10, help="E: epochs of the repeated arms, rephrasings")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="of every arm")
-    parser.add_argument("--weight-decays", type=float, nargs="+", default=[0.1, 0.3, 1.0],
-                        help="tried on the raw (repetition) arm at the first seed; its best runs at every seed")
+    parser.add_argument("--weight-decays", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0],
+                        help="tried on the raw (repetition) arm at the first seed")
+    parser.add_argument("--arm-weight-decays", type=float, nargs="+", default=[0.1, 3.0],
+                        help="tried on the other arms at the first seed; every arm runs at its best at every seed")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--report-only", action="store_true", help="report the finished runs, train nothing")
     parser.add_argument("--drop-rate", type=float, default=0.1, help="the paraphraser's unfaithful rewrites")
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve()
@@ -199,30 +201,27 @@ def main(argv=None) -> None:
     rows = []
 
     def row(arm: str, weight_decay: float, seed: int) -> None:
+        done = (out / "runs" / f"{arm}-wd{weight_decay:g}-s{seed}" / "summary.json").is_file()
+        if args.report_only and not done:
+            return
         if not any((r["arm"], r["weight_decay"], r["seed"]) == (arm, weight_decay, seed) for r in rows):
             rows.append(train_and_eval(out, data, prepared, arm, epochs.get(arm, 1), weight_decay, seed, args))
 
-    for arm in arms:  # every arm at the default weight decay, first seed, then the raw arm's grid
-        row(arm, args.weight_decay, args.seeds[0])
-    for weight_decay in args.weight_decays:
-        row("raw", weight_decay, args.seeds[0])
-    best_wd = max((r for r in rows if r["arm"] == "raw"), key=lambda r: (r["heldout_em"], r["trainpeople_em"]))
-    for seed in args.seeds[1:]:
+    grids = {arm: args.weight_decays if arm == "raw" else args.arm_weight_decays for arm in arms}
+    for arm in arms:  # every arm's weight decays at the first seed
+        for weight_decay in grids[arm]:
+            row(arm, weight_decay, args.seeds[0])
+    best = {arm: best_weight_decay(rows, arm, args.seeds[0]) for arm in arms}
+    for seed in args.seeds[1:]:  # each arm at its best
         for arm in arms:
-            row(arm, args.weight_decay, seed)
-        row("raw", best_wd["weight_decay"], seed)
-    report(out, rows, best_wd["weight_decay"], args)
+            row(arm, best[arm], seed)
+    report(out, rows, best, args)
 
 
-def _arms(rows: list[dict], default_wd: float, best_wd: float) -> list[tuple[str, list[dict]]]:
-    """(label, runs) per table row: every arm at the default weight decay, and raw at its best if that differs."""
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    out = [(arm if arm != "raw" or best_wd == default_wd else f"raw, wd {default_wd:g}",
-            [r for r in rows if r["arm"] == arm and r["weight_decay"] == default_wd]) for arm in arms]
-    if best_wd != default_wd:
-        out.insert(1, (f"raw, wd {best_wd:g} (its best)", [r for r in rows if r["arm"] == "raw"
-                                                            and r["weight_decay"] == best_wd]))
-    return out
+def best_weight_decay(rows: list[dict], arm: str, seed: int) -> float:
+    """The arm's weight decay with the best held-out QA at `seed` (ties: the better train-people QA)."""
+    mine = [r for r in rows if r["arm"] == arm and r["seed"] == seed]
+    return max(mine, key=lambda r: (r["heldout_em"], r["trainpeople_em"]))["weight_decay"]
 
 
 def _pooled(runs: list[dict], key: str) -> tuple[float, float, float]:
@@ -232,52 +231,61 @@ def _pooled(runs: list[dict], key: str) -> tuple[float, float, float]:
     return (hits / n, *wilson(hits, n))
 
 
-def report(out: Path, rows: list[dict], best_wd: float, args) -> None:
+def _at_best(rows: list[dict], best: dict) -> list[tuple[str, list[dict]]]:
+    """(arm, its runs at its best weight decay) in arm order."""
+    return [(arm, [r for r in rows if r["arm"] == arm and r["weight_decay"] == wd]) for arm, wd in best.items()]
+
+
+def report(out: Path, rows: list[dict], best: dict, args) -> None:
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"{args.people} people ({args.people // 2} held out: {args.people // 2 * 6} questions per seed), "
-             f"E = {args.exposures}, seeds {args.seeds}; exact match in %, over the seeds' pooled items "
-             f"[Wilson 95%]", "",
-             "| arm | held-out people QA | train people QA | held-out, per seed | published (held-out QA, %) |",
-             "|---|---|---|---|---|"]
-    for label, runs in _arms(rows, args.weight_decay, best_wd):
+             f"E = {args.exposures}; each arm at its best weight decay; exact match in %, over the seeds' pooled "
+             f"items [Wilson 95%]", "",
+             "| arm | weight decay | held-out people QA | train people QA | held-out, per seed | "
+             "published (held-out QA, %) |", "|---|---|---|---|---|---|"]
+    for arm, runs in _at_best(rows, best):
         cells = [f"{100 * p:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
                  for p, low, high in (_pooled(runs, "heldout"), _pooled(runs, "trainpeople"))]
-        per_seed = ", ".join(f"{100 * r['heldout_em']:.1f}" for r in runs)
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {per_seed} | "
-                     f"{PUBLISHED[runs[0]['arm'].rstrip('0123456789')]} |")
-    lines += ["", f"raw arm, seed {args.seeds[0]}, weight decay: " + ", ".join(
-        f"{r['weight_decay']:g}: {100 * r['heldout_em']:.1f} / {100 * r['trainpeople_em']:.1f}"
-        for r in sorted(rows, key=lambda r: r["weight_decay"]) if r["arm"] == "raw" and r["seed"] == args.seeds[0])
-        + " (held-out / train people QA)"]
+        per_seed = ", ".join(f"{100 * r['heldout_em']:.1f} (seed {r['seed']})" for r in runs)
+        lines.append(f"| {arm} | {best[arm]:g} | {cells[0]} | {cells[1]} | {per_seed} | "
+                     f"{PUBLISHED[arm if arm in PUBLISHED else arm.rstrip('0123456789')]} |")
+    decays = sorted({r["weight_decay"] for r in rows})
+    lines += ["", f"Held-out people QA (%) by weight decay, seed {args.seeds[0]}:", "",
+              "| arm | " + " | ".join(f"wd {wd:g}" for wd in decays) + " |", "|---|" + "---|" * len(decays)]
+    for arm in best:
+        cell = {r["weight_decay"]: f"{100 * r['heldout_em']:.1f}" for r in rows
+                if r["arm"] == arm and r["seed"] == args.seeds[0]}
+        lines.append(f"| {arm} | " + " | ".join(cell.get(wd, "") for wd in decays) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(out, rows, _arms(rows, args.weight_decay, best_wd), args.seeds[0])
+    plot(out, rows, best, args.seeds[0])
 
 
-def plot(out: Path, rows: list[dict], arms: list[tuple[str, list[dict]]], first_seed: int) -> None:
+def plot(out: Path, rows: list[dict], best: dict, first_seed: int) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.5))
-    ax_arms, ax_wd = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    ax_arms, ax_wd = fig.subplots(1, 2)
+    arms = _at_best(rows, best)
     for offset, key, label in ((-0.2, "heldout", "held-out people"), (0.2, "trainpeople", "train people")):
         for i, (_, runs) in enumerate(arms):
             p, low, high = _pooled(runs, key)
-            ax_arms.bar(i + offset, 100 * p, 0.4, yerr=[[100 * (p - low)], [100 * (high - p)]], capsize=3,
+            ax_arms.bar(i + offset, 100 * p, 0.4, yerr=[[100 * max(p - low, 0)], [100 * max(high - p, 0)]], capsize=3,
                         color="C0" if key == "heldout" else "C1", label=label if i == 0 else None)
             ax_arms.plot([i + offset] * len(runs), [100 * r[f"{key}_em"] for r in runs], "k.",
                          label="one seed" if i == 0 and key == "heldout" else None)
-    ax_arms.set_xticks(range(len(arms)), [label.replace(", ", "\n", 1) for label, _ in arms], fontsize="small")
-    ax_arms.set(title="QA exact match (bars: seeds pooled, 95% CI)", ylabel="exact match (%)")
+    ax_arms.set_xticks(range(len(arms)), [f"{arm}\nwd {best[arm]:g}" for arm, _ in arms])
+    ax_arms.set(title="QA exact match, each arm at its best weight decay\n(bars: seeds pooled, 95% CI)",
+                ylabel="exact match (%)", ylim=(0, 105))
     ax_arms.legend(fontsize="small")
-    raw = sorted((r for r in rows if r["arm"] == "raw" and r["seed"] == first_seed), key=lambda r: r["weight_decay"])
-    ax_wd.plot([r["weight_decay"] for r in raw], [100 * r["heldout_em"] for r in raw], "o-", label="held-out people")
-    ax_wd.plot([r["weight_decay"] for r in raw], [100 * r["trainpeople_em"] for r in raw], "s-",
-               label="train people")
-    ax_wd.set(xscale="log", title=f"raw arm (repetition), seed {first_seed}", xlabel="optim.weight_decay",
-              ylabel="exact match (%)")
+    for arm in best:
+        mine = sorted((r for r in rows if r["arm"] == arm and r["seed"] == first_seed), key=lambda r: r["weight_decay"])
+        ax_wd.plot([r["weight_decay"] for r in mine], [100 * r["heldout_em"] for r in mine], "o-", label=arm)
+    ax_wd.set(xscale="log", title=f"Held-out people QA by weight decay (seed {first_seed})",
+              xlabel="optim.weight_decay", ylabel="exact match (%)", ylim=(0, 105))
     ax_wd.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=110)
