@@ -24,6 +24,8 @@ EXIT_STATUS = """exit status:
   4    training diverged (NaN/inf loss or weights); the last good checkpoint is kept
   5    an I/O error: a read-only or full disk, a path that is a file
   6    rephrase: the generator server is down or kept failing; the same command continues the job
+  7    train: another process of a multi-process run died or its host stopped answering; every process
+       ends, the line names the lost one; --resume in every process continues
   130  interrupted (Ctrl-C)
   143  preempted (SIGTERM): a checkpoint was saved; --resume, or the same sweep again, continues
 Errors are one or two lines on stderr; --debug adds the traceback."""
@@ -46,8 +48,13 @@ def cmd_train(args) -> int:
 
     cfg = _load(args.config, args.set)
     distributed.initialize(auto=args.distributed == "auto", coordinator=args.coordinator,
-                           num_processes=args.num_processes, process_id=args.process_id)
-    summary = train(cfg, resume=args.resume)
+                           num_processes=args.num_processes, process_id=args.process_id,
+                           heartbeat_timeout=args.heartbeat_timeout)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except Exception:
+        distributed.wait_for_lost_peer()  # an error a dead process caused ends naming it (exit 7)
+        raise
     if "preempted_at" in summary:
         from k2jax.train.loop import Preempted
 
@@ -68,6 +75,18 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+# The batch a published model trained with (rows x tokens), which `k2jax info --config NAME` measures Newton-Schulz
+# against: Kimi K2's about 67M tokens of 4096-token sequences, DeepSeek-V3's 15,360 sequences of 4096 tokens.
+PUBLISHED_BATCH = {"kimi-k2": (16384, 4096), "deepseek-v3": (15360, 4096)}
+
+
+def _preset_name(config: str | None) -> str | None:
+    """The model preset `_load` reads `config` as, or None for a YAML file (or no config)."""
+    if config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).is_file():
+        return None
+    return config
+
+
 def cmd_info(args) -> int:
     from flax import nnx
 
@@ -78,7 +97,9 @@ def cmd_info(args) -> int:
     from k2jax.parallel.sharding import abstract_mesh, param_shardings
     from k2jax.params import param_info
 
-    cfg = _load(args.config, args.set)
+    published = PUBLISHED_BATCH.get(_preset_name(args.config))
+    batch = [f"train.batch_size={published[0]}", f"data.seq_len={published[1]}"] if published else []
+    cfg = _load(args.config, [*batch, *args.set])  # the user's --set comes last: it wins
     mesh = abstract_mesh(cfg.mesh, args.devices)
     counts = count_params(cfg.model)
     m = cfg.model
@@ -91,11 +112,16 @@ def cmd_info(args) -> int:
     print(f"embedding + head:     {_human(counts['embedding'])}")
     state = nnx.state(abstract_model(cfg.model), nnx.Param)
     infos = param_info(state)
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    step_flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"] * tokens
+    rows, seq_len = cfg.train.batch_size, cfg.data.seq_len
+    step_flops = flops_per_token(cfg.model, seq_len)["total"] * rows * seq_len
     ns = newton_schulz_flops(infos, nnx.to_pure_dict(state), cfg.optim.ns_steps)
-    print(f"Newton-Schulz FLOPs per Muon step: {ns:.3e} = {ns / step_flops:.1%} of the model FLOPs of a "
-          f"{tokens:,}-token step (train.batch_size x data.seq_len)")
+    set_keys = {o.partition("=")[0].strip() for o in args.set}
+    source = ("as --set" if set_keys & {"train.batch_size", "data.seq_len"} else
+              f"{args.config}'s published training batch" if published else
+              "k2jax's default" if _preset_name(args.config) else f"from {args.config or 'the defaults'}")
+    print(f"Newton-Schulz FLOPs per Muon step: {ns:.3e} = {ns / step_flops:.2%} of the model FLOPs of a step of "
+          f"{rows:,} x {seq_len:,} = {rows * seq_len:,} tokens (train.batch_size x data.seq_len, {source}"
+          + ("; change with --set)" if source != "as --set" else ")"))
     shardings = None
     if mesh.size > 1:  # raises, as training would, where a mesh axis does not divide a parameter
         shardings = param_shardings(infos, nnx.to_pure_dict(state), mesh)
@@ -374,6 +400,9 @@ def cmd_plan(args) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # compiled for the slice, never run here: leave any TPU alone
+    # a deviceless TPU executable does not load back from JAX's persistent cache (it warns, then compiles
+    # again): keep plan's programs out of a cache the user set
+    jax.config.update("jax_enable_compilation_cache", False)
     from k2jax.tools.plan import format_report, plan
 
     cfg = _load(args.config, args.set)
@@ -402,11 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, elsewhere")
     g.add_argument("--num-processes", type=int, metavar="N")
     g.add_argument("--process-id", type=int, metavar="I")
+    g.add_argument("--heartbeat-timeout", type=int, default=30, metavar="SECONDS",  # = DEFAULT_HEARTBEAT_TIMEOUT_S
+                   help="a process whose host stops answering this long is lost and the run ends in every process "
+                   "(exit 7); a killed or crashed process is noticed at once (default 30)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("info", help="parameter counts (from the abstract model) and optimizer rules")
-    p.add_argument("--config", default="small", help="a model preset name or an experiment YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--config", default="small", help="a model preset name (kimi-k2 and deepseek-v3 with their "
+                   "published training batch) or an experiment YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (train.batch_size, data.seq_len: the step Newton-Schulz is "
+                   "compared with)")
     p.add_argument("--params", action="store_true",
                    help="list every parameter, its optimizer rule and (on a mesh of several devices) its placement")
     p.add_argument("--devices", type=int, metavar="N",

@@ -96,13 +96,19 @@ def test_plan_reports_the_compiled_step(tiny_plan):
     assert bounds["step_seconds"] >= bounds["compute_seconds"] > 0 and 0 < bounds["mfu_at_bound"] <= 1
 
 
-def test_plan_command_prints_and_writes_json(tmp_path):
+def test_plan_command_prints_its_report_first_and_writes_json(tmp_path):
+    """`k2jax plan` as a person runs it (the installed command, JAX_PLATFORMS unset, a compilation cache set):
+    its own report is the first line of stdout and stderr together, without libtpu's start-up lines (host
+    bounds, InitGoogle, worker hostnames, a source-location trace) or the cache's failed reads."""
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-m", "k2jax.cli", "plan", "experiments/tiny.yaml", "--topology",
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    proc = subprocess.run([str(Path(sys.executable).parent / "k2jax"), "plan", "experiments/tiny.yaml", "--topology",
                            "v5p:2x2x1", "--parts", "update", "--set", "mesh.data=4", "--set", "train.batch_size=4",
                            "--set", "data.seq_len=128", "--json", str(out), "--hlo", str(tmp_path / "hlo")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert proc.stdout.startswith("0.129M parameters (0.111M activated) with muonclip on v5p:2x2x1: 4 devices"), \
+        proc.stdout[:2000]
     assert "update  yes" in proc.stdout and "Newton-Schulz" in proc.stdout, proc.stdout
     # data parallel: each replica orthogonalises its share of the matrices and all-gathers the rest
     assert out.exists() and "all-gather" in (tmp_path / "hlo" / "update.hlo.txt").read_text()
@@ -111,6 +117,31 @@ def test_plan_command_prints_and_writes_json(tmp_path):
     report = json.loads(out.read_text())
     update, one_copy = report["parts"]["update"], report["newton_schulz_flops_one_copy"]
     assert one_copy / 4 <= report["newton_schulz_flops_busiest_device"] <= update["flops"] <= one_copy
+
+
+# what libtpu 0.0.42.1 wrote to stderr at its start on a machine without a TPU (the E0000 line shortened)
+START_UP_NOISE = """\
+Failed to find host bounds for accelerator type: WARNING: could not determine TPU accelerator type, please set env \
+var `TPU_ACCELERATOR_TYPE` manually, otherwise libtpu.so may not properly initialize.
+WARNING: Logging before InitGoogle() is written to STDERR
+E0000 00:00:1796330427.316561   21684 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected worker hostname \
+'WARNING: could not determine TPU worker hostnames or IP addresses' from env var TPU_WORKER_HOSTNAMES.
+=== Source Location Trace: ===
+learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327
+"""
+
+
+def test_libtpu_start_up_noise_is_held_back_and_anything_else_shown(capfd):
+    from k2jax.tools.plan import libtpu_start_up_quiet
+
+    with libtpu_start_up_quiet():
+        os.write(2, (START_UP_NOISE + "E0000 00:00:1.0 1 tpu.cc:1] something else went wrong\n").encode())
+    assert capfd.readouterr().err == "E0000 00:00:1.0 1 tpu.cc:1] something else went wrong\n"
+    with pytest.raises(RuntimeError, match="the start-up failed"):
+        with libtpu_start_up_quiet():
+            os.write(2, (START_UP_NOISE + "why it failed\n").encode())
+            raise RuntimeError("the start-up failed")
+    assert capfd.readouterr().err == "why it failed\n"
 
 
 @pytest.mark.parametrize("topology, message", [
@@ -167,3 +198,27 @@ def test_plan_decode_compiles_a_chunk_over_a_sharded_cache():
     assert part["memory"]["arguments"] >= cache + decode["param_bytes_per_device"]
     assert "decode: 2 step(s) over 4 slots (3 rounded up" in format_report(report)
     assert "decode" not in TRAIN_PARTS and plan.__defaults__[0] == TRAIN_PARTS  # not compiled unless asked
+
+
+def _newton_schulz_line(capsys, *args) -> tuple[float, str]:
+    from k2jax.cli import main
+
+    capsys.readouterr()
+    assert main(["info", *args]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("Newton-Schulz FLOPs per Muon step"))
+    return float(line.split(" = ")[1].split("%")[0]), line
+
+
+def test_info_measures_newton_schulz_against_the_batch_of_the_config_given(capsys):
+    """`k2jax info --config kimi-k2` compares one Newton-Schulz pass with a step of K2's own batch (about 67M
+    tokens, 4096-token rows: well under 1%), not with the default experiment's 2,048 tokens (124x the step);
+    --set changes the batch, and a YAML's batch is its own; the line says which batch."""
+    share, line = _newton_schulz_line(capsys, "--config", "kimi-k2")
+    assert "of a step of 16,384 x 4,096 = 67,108,864 tokens (train.batch_size x data.seq_len, kimi-k2's " \
+           "published training batch; change with --set)" in line, line
+    assert 0.1 < share < 1, line
+    smaller, line = _newton_schulz_line(capsys, "--config", "kimi-k2", "--set", "train.batch_size=512")
+    assert "of a step of 512 x 4,096 = 2,097,152 tokens (train.batch_size x data.seq_len, as --set)" in line, line
+    assert smaller == pytest.approx(32 * share, rel=0.03)  # Newton-Schulz does not grow with the batch (2 decimals)
+    _, line = _newton_schulz_line(capsys, "--config", "experiments/tiny.yaml")
+    assert "8 x 64 = 512 tokens (train.batch_size x data.seq_len, from experiments/tiny.yaml" in line, line

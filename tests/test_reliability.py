@@ -6,7 +6,9 @@ the exit code and that nothing was lost or left behind.
 """
 
 import csv
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -317,10 +319,99 @@ def test_full_disk_ends_the_run_promptly_in_one_line(tmp_path):
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 5 and len(err) <= 2, proc.stderr[-3000:]
         assert "No space left on device" in err[-1] and "--resume" in err[-1], err
+        assert "removed its partial directory" in err[-1] and "no checkpoint has finished saving" in err[-1], err
+        assert not list((disk / "run" / "checkpoints").iterdir())  # the failed save holds no space
         steps = [json.loads(line)["step"] for line in (disk / "run" / "metrics.jsonl").read_text().splitlines()]
         assert max(steps) <= 10  # stopped at the failed save or the next one, not at the end (20)
     finally:
         _umount(disk)
+
+
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _train_args(out, *extra) -> list[str]:
+    return ["train", str(TINY), "--set", f"train.out_dir={out}", "--set", "train.progress=false", "--set",
+            "train.log_every=1", "--set", "train.eval_every=2", "--set", "checkpoint.every=2",
+            *[a for e in extra for a in ("--set", e)]]
+
+
+def test_a_failed_save_removes_its_partial_directory_and_resume_works_once_space_is_back(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """The disk fills during step 4's (background) save: orbax has written part of it into
+    4.orbax-checkpoint-tmp when a write is refused. The run ends in one line naming the step, what was
+    removed and what is left; nothing partial stays on the full disk; with space back, --resume goes on."""
+    from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
+
+    write_json = JsonCheckpointHandler._save_fn
+
+    async def disk_full_in_step_4(self, item, directory):
+        if "4.orbax-checkpoint-tmp" in str(directory):
+            raise _no_space()
+        return await write_json(self, item, directory)
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", disk_full_in_step_4)
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    code, err = _cli(capsys, *_train_args(out, "train.steps=6"))
+    assert code == 5 and len(err) == 1, err
+    assert err[0].startswith("k2jax train: I/O error: saving checkpoint step 4 failed: ENOSPC (No space left on "
+                             "device); removed its partial directory ") and "4.orbax-checkpoint-tmp" in err[0], err
+    assert f"the last finished checkpoint is step 2 ({ckpts / '2'})" in err[0], err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2"] and finished_steps(ckpts) == [2]
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 4, logged  # found after step 5 or 6
+
+    monkeypatch.undo()  # space is back
+    capsys.readouterr()
+    code, err = _cli(capsys, *_train_args(out, "train.steps=6"), "--resume")
+    assert code == 0, err
+    assert finished_steps(ckpts) == [4, 6] and not list(ckpts.glob("*orbax-checkpoint-tmp*"))
+    assert json.loads((out / "summary.json").read_text())["start_step"] == 2
+
+
+class _DiskFullAtStep:
+    """os, as k2jax.train.metrics sees it, on a disk that fills while metrics.jsonl's record of `step` is written:
+    half the line reaches the file, then every write there is refused (ENOSPC)."""
+
+    def __init__(self, step: int):
+        self._record = f'{{"step": {step},'.encode()
+        self._full: int | None = None  # the refused file descriptor
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def write(self, fd: int, data) -> int:
+        if fd == self._full:
+            raise _no_space()
+        if bytes(data[:len(self._record)]) == self._record:
+            self._full = fd
+            return os.write(fd, data[: len(data) // 2])
+        return os.write(fd, data)
+
+
+def test_a_failed_metrics_write_ends_the_run_at_that_step_in_one_line(tmp_path, capsys, monkeypatch):
+    """metrics.jsonl's write of step 5 fails part-way (a disk filled between saves): the run stops at step 5,
+    before any further save, in one line naming the step, the file and the checkpoint left (step 4); the half
+    line is cut off, so the file reads and a resumed run appends whole lines."""
+    from k2jax.train import metrics
+
+    monkeypatch.setattr(metrics, "os", _DiskFullAtStep(5))
+    out = tmp_path / "run"
+    code, err = _cli(capsys, *_train_args(out, "train.steps=6"))
+    assert code == 5 and len(err) == 1, err
+    assert err[0].startswith(f"k2jax train: I/O error: writing the metrics of step 5 to {out / 'metrics.jsonl'} "
+                             f"failed: No space left on device; the run stopped at step 5 and saved nothing more; "
+                             f"the last finished checkpoint is step 4 ({out / 'checkpoints' / '4'})"), err
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert finished_steps(out / "checkpoints") == [2, 4] and not list((out / "checkpoints").glob("*tmp*"))
+
+    monkeypatch.undo()
+    code, err = _cli(capsys, *_train_args(out, "train.steps=6"), "--resume")
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6] and (out / "curves.png").exists()
 
 
 def test_metrics_writer_on_a_full_disk_raises_instead_of_hanging(tmp_path):

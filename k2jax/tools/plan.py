@@ -17,9 +17,13 @@ of long contexts fits, and the cache's bytes per device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +61,49 @@ class PartReport:
     kernel_calls: int | None = None
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
     loops: list[int] = dataclasses.field(default_factory=list)
+
+
+# What libtpu writes to stderr when it starts on a machine that is no TPU VM (a deviceless compile needs no
+# TPU host, worker or accelerator type): its C++ logging before InitGoogle, which no log-level variable
+# (TPU_STDERR_LOG_LEVEL, TPU_MIN_LOG_LEVEL, TF_CPP_MIN_LOG_LEVEL) reaches, and a source-location trace.
+_START_UP_NOISE = re.compile(r"Failed to find host bounds for accelerator type|WARNING: Logging before InitGoogle\(\)|"
+                             r"unexpected worker hostname|could not determine TPU|=== Source Location Trace")
+_TRACE_LINE = re.compile(r"\S+\.(cc|h|cpp):\d+\s*$")  # a frame of such a trace: path/file.cc:327
+
+
+@contextlib.contextmanager
+def libtpu_start_up_quiet():
+    """Run the block (libtpu's start-up, in `tpu_slice`) with file descriptor 2 held in a temporary file, then
+    write out what it held but the start-up noise above: a warning or error of any other kind still shows, and
+    a failure raises as it would (its message is the exception's)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = _without_start_up_noise(held.read().decode(errors="replace"))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+def _without_start_up_noise(text: str) -> str:
+    kept, in_trace = [], False
+    for line in text.splitlines(keepends=True):
+        if _START_UP_NOISE.search(line):
+            in_trace = "Source Location Trace" in line
+            continue
+        if in_trace and _TRACE_LINE.match(line):
+            continue
+        in_trace = False
+        kept.append(line)
+    return "".join(kept)
 
 
 def _compile(name: str, jitted, args, hbm: int, hlo_dir: Path | None = None, kwargs=None) -> PartReport:
@@ -112,7 +159,8 @@ def plan(cfg: Config, topology: str, parts=TRAIN_PARTS, hlo_dir: str | None = No
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    tpu: Slice = tpu_slice(topology)
+    with libtpu_start_up_quiet():
+        tpu: Slice = tpu_slice(topology)
     mesh = make_mesh(cfg.mesh, tpu.devices)
     setup, state = abstract_train_state(cfg, mesh)
     batch = abstract_batch(cfg, mesh)

@@ -9,7 +9,9 @@ What a kill can leave behind: orbax writes into `N.orbax-checkpoint-tmp*` and
 renames it when complete, so an interrupted save never becomes a step; a kill
 while an old step is deleted can leave a step directory without all its items.
 Neither is listed as a step, and a Checkpointer opened with `clean=True` (the
-training loop) removes both. Restore returns everything or raises
+training loop) removes both. A save that fails (a full disk) removes its own
+`N.orbax-checkpoint-tmp*` directory at once, so it holds no space, and its error
+names what was removed and the last finished checkpoint. Restore returns everything or raises
 CheckpointError and never writes; asked for the latest step, it falls back from
 an unreadable checkpoint to the next older one, with a one-line warning.
 """
@@ -25,6 +27,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -93,17 +96,18 @@ def _leftovers(directory: Path) -> list[tuple[Path, str]]:
     return out
 
 
-def _save_error(e: Exception, step: int) -> Exception:
+def _save_error(e: Exception, step: int, aftermath: str = "") -> Exception:
     """The error to raise for a failed save: an OSError where the OS refused (disk full, read-only),
-    else a CheckpointError."""
+    else a CheckpointError. aftermath: what the failure left, appended after "; "."""
     code = e.errno if isinstance(e, OSError) else None
     found = re.search(r"os_error_code='?(\d+)", str(e))
     if code is None and found:
         code = int(found.group(1))
+    tail = f"; {aftermath}" if aftermath else ""
     if code is not None:
         return OSError(code, f"saving checkpoint step {step} failed: {errno.errorcode.get(code, code)} "
-                             f"({os.strerror(code)})")
-    return CheckpointError(f"saving checkpoint step {step} failed: {type(e).__name__}: {_first_line(e)}")
+                             f"({os.strerror(code)}){tail}")
+    return CheckpointError(f"saving checkpoint step {step} failed: {type(e).__name__}: {_first_line(e)}{tail}")
 
 
 class Checkpointer:
@@ -130,22 +134,53 @@ class Checkpointer:
         self._saving: int | None = None
 
     def save(self, step: int, state, data_state: dict, config: dict, metrics: dict | None = None) -> None:
-        """Start saving (async); `wait()` blocks until it is on disk. Raises OSError where the OS refuses."""
+        """Start saving (async); `wait()` blocks until it is on disk. Raises OSError where the OS refuses
+        (the previous save's failure too), after removing the failed save's partial directory."""
+        self.wait()  # the previous save's failure is that step's
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   config=ocp.args.JsonSave(config))
+        self._saving = step
         try:
             self._manager.save(step, args=args, metrics={k: float(v) for k, v in (metrics or {}).items()},
                                force=True)
-        except Exception as e:  # the previous async save's failure surfaces here too
-            raise _save_error(e, self._saving if self._saving is not None else step) from e
-        self._saving = step
+        except Exception as e:
+            raise self._failed(e) from e
 
     def check(self) -> None:
         """Raise now if a background save failed (e.g. a full disk), instead of at the next save."""
         try:
             self._manager.check_for_errors()
         except Exception as e:
-            raise _save_error(e, self._saving) from e
+            raise self._failed(e) from e
+
+    def _failed(self, e: Exception) -> Exception:
+        """The error of the save of step `self._saving`, once its partial directory is removed (so a full disk
+        gets that space back; finished checkpoints are never touched)."""
+        step = self._saving
+        removed, left = self.remove_partial(step)
+        what = "".join(f"{words} {', '.join(str(p) for p in paths)}; " for words, paths in (
+            ("removed its partial directory", removed), ("could not remove its partial directory", left)) if paths)
+        return _save_error(e, step, what + self.remains())
+
+    def remove_partial(self, step: int | None) -> tuple[list[Path], list[Path]]:
+        """Remove what an unfinished save of `step` wrote (its `step.orbax-checkpoint-tmp*` directories, nothing
+        else); (the paths removed, those that would not go)."""
+        if step is None or not self.directory.is_dir():
+            return [], []
+        _let_writes_end()
+        removed, left = [], []
+        for path in sorted(self.directory.iterdir()):
+            if path.name.startswith(f"{step}{_TMP_MARK}"):
+                shutil.rmtree(path, ignore_errors=True)  # every process that saw the failure: whoever is first
+                (left if path.exists() else removed).append(path)
+        return removed, left
+
+    def remains(self) -> str:
+        """What a run that stops now keeps, in words: its newest finished checkpoint (read from the disk)."""
+        steps = finished_steps(self.directory)
+        if not steps:
+            return f"no checkpoint has finished saving in {self.directory} (the run starts over, without --resume)"
+        return f"the last finished checkpoint is step {steps[-1]} ({self.directory / str(steps[-1])})"
 
     def latest_step(self) -> int | None:
         """The newest finished step (after `wait()`, every save started is counted)."""
@@ -201,14 +236,25 @@ class Checkpointer:
         return dst
 
     def wait(self) -> None:
-        """Block until the save in flight is on disk; OSError or CheckpointError if it failed."""
+        """Block until the save in flight is on disk; OSError or CheckpointError if it failed (its partial
+        directory removed)."""
         try:
             self._manager.wait_until_finished()
         except Exception as e:
-            raise _save_error(e, self._saving) from e
+            raise self._failed(e) from e
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _let_writes_end(timeout: float = 60.0) -> None:
+    """Wait for the writes a failed save may still run. Orbax commits each item in a thread of its own
+    (`_SignalingThread`), and one item failing does not stop the others, whose writes (tensorstore creates
+    directories as it goes) would bring back a directory removed before they end."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__name__ == "_SignalingThread":
+            threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))  # not its join: that re-raises
 
 
 def _first_line(e: Exception) -> str:

@@ -404,9 +404,13 @@ class _Steps:
         self.throughput.restart()  # evaluation time is not training throughput
 
     def _write(self, info: _StepInfo) -> None:
-        """The record, to metrics.jsonl and TensorBoard (process 0)."""
+        """The record, to metrics.jsonl and TensorBoard (process 0). A write that fails (a full disk) stops the
+        run at this step, before its save: see `_write_failed`."""
         if self.writer:
-            self.writer.write(info.step, info.record)
+            try:
+                self.writer.write(info.step, info.record)
+            except OSError as e:
+                raise _write_failed(e, info.step, self.writer.path.parent, self.ckpt) from e
 
     def _watch_loads(self, info: _StepInfo) -> None:
         """Warn when an MoE layer keeps sending one expert far more than the mean load."""
@@ -515,6 +519,19 @@ def _diverged(step: int, loss: float, ckpt: Checkpointer) -> TrainingDiverged:
                              + (" and continue with --resume" if last is not None else ""))
     error.step = step
     return error
+
+
+def _write_failed(e: OSError, step: int, out: Path, ckpt: Checkpointer) -> OSError:
+    """The one-line error of a metrics write that failed at `step`: the run stops there and saves nothing more
+    (not on a full disk); the save in flight is finished first (or, failing too, its partial directory removed),
+    so the message names the checkpoint that is left."""
+    try:
+        ckpt.wait()
+        left = ckpt.remains()
+    except (OSError, CheckpointError) as save_error:  # the same disk; it names what is left
+        left = f"the save in flight failed too: {save_error}"
+    return OSError(e.errno, f"writing the metrics of step {step} to {e.filename or out} failed: {e.strerror or e}; "
+                            f"the run stopped at step {step} and saved nothing more; {left}")
 
 
 def _count(chunks) -> str:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -44,32 +47,38 @@ def _scalars(prefix: str, value):
 
 
 class MetricsWriter:
-    """TensorBoard events are written here, in the caller's thread, not by tensorboardX's SummaryWriter:
-    its writer thread ends at a write error (a full disk), after which add_scalar blocks forever."""
+    """metrics.jsonl and TensorBoard's events file, written here, in the caller's thread (tensorboardX's
+    SummaryWriter thread ends at a write error, a full disk, after which add_scalar blocks forever).
+
+    A write that fails (a full disk: OSError) raises and leaves each file ending in whole records: what the
+    step got onto the disk is cut back off, so a resumed run appends after whole lines."""
 
     def __init__(self, out_dir: str | Path, tensorboard: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+        self._file = _WholeRecords(self.path)
         self._tb = None
         if tensorboard:
-            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event
 
             (Path(out_dir) / "tb").mkdir(exist_ok=True)
-            self._tb = EventsWriter(str(Path(out_dir) / "tb" / "events"))
+            now = time.time()  # the file name and first event of tensorboardX's EventsWriter
+            self._tb = _WholeRecords(Path(out_dir) / "tb" / f"events.out.tfevents.{int(now)}.{socket.gethostname()}",
+                                     sync=True)
+            self._tb.write(_tf_record(Event(wall_time=now, file_version="brain.Event:2").SerializeToString()))
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": int(step), **_plain(metrics)}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._file.write((json.dumps(record) + "\n").encode())
         if self._tb is not None:
             from tensorboardX.proto.event_pb2 import Event
             from tensorboardX.summary import scalar
 
             now = time.time()
-            for name, value in _scalars("", {k: v for k, v in record.items() if k != "step"}):
-                self._tb.write_event(Event(wall_time=now, step=int(step), summary=scalar(name.lstrip("/"), value)))
-            self._tb.flush()
+            self._tb.write(b"".join(
+                _tf_record(Event(wall_time=now, step=int(step), summary=scalar(name.lstrip("/"), value))
+                           .SerializeToString())
+                for name, value in _scalars("", {k: v for k, v in record.items() if k != "step"})))
 
     def close(self) -> None:
         try:
@@ -77,6 +86,47 @@ class MetricsWriter:
         finally:
             if self._tb is not None:
                 self._tb.close()
+
+
+class _WholeRecords:
+    """An append-only file written a whole record (one step's bytes) at a time, unbuffered: a write the OS refuses
+    part-way is cut back off (truncating releases space even on a full disk) and raises."""
+
+    def __init__(self, path: Path, sync: bool = False):
+        self.path, self._sync, self._fd = path, sync, None
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, data: bytes) -> None:
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if self._sync:
+                os.fsync(self._fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError:
+                pass
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    __del__ = close  # as a file object closes when dropped
+
+
+def _tf_record(data: bytes) -> bytes:
+    """One TFRecord (the events file's framing): length, its masked CRC-32C, the data, its masked CRC-32C."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
 
 
 class LoadMonitor:

@@ -1,0 +1,104 @@
+"""The README's commands leave `git status` clean: every path a command of its ```bash blocks writes (run
+directories, corpora, exports, rephrased text, sweep results, reports, the venv), and every output directory the
+shipped experiment and sweep files name, is ignored by .gitignore (asked of `git check-ignore`, which reads
+only)."""
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from k2jax.cli import build_parser
+from k2jax.config import load_config
+from k2jax.sweep.grid import load_sweep
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+# what each `k2jax` command writes, from its parsed arguments (a new command needs an entry: the test says so)
+WRITES = {
+    "train": lambda a: [load_config(a.config, a.set).train.out_dir],
+    "sample": lambda a: [],
+    "eval": lambda a: [f"{a.run_dir}/eval/step_1.json"],
+    "export": lambda a: [a.out_dir],
+    "serve": lambda a: [],
+    "info": lambda a: [],
+    "prepare": lambda a: [a.out],
+    "rephrase": lambda a: [a.out],
+    "sweep": lambda a: [f"{load_sweep(a.file).out_dir}/results.csv"],
+    "analyze": lambda a: [f"{a.file if Path(a.file).is_dir() else load_sweep(a.file).out_dir}/report/report.md"],
+    "bench": lambda a: [a.profile],
+    "lower": lambda a: [a.out],
+    "plan": lambda a: [a.json, a.hlo],
+}
+MAKE_WRITES = {"train": [".venv/bin/python"], "test": [".venv/bin/python", ".pytest_cache/README.md"],
+               "venv": [".venv/bin/python"]}
+
+
+def _bash_commands() -> list[list[str]]:
+    """The words of every command line in the README's ```bash blocks, leading VAR=value assignments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```$", README, flags=re.M | re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            while words and "=" in words[0] and not words[0].startswith("-"):
+                words = words[1:]
+            if words:
+                commands.append(words)
+    return commands
+
+
+def _written(words: list[str]) -> list[str]:
+    """The paths a README command writes (relative to the repository root, where the README runs them)."""
+    if words[0] == "make":
+        target = words[1] if len(words) > 1 else "train"
+        assert target in MAKE_WRITES, f"{' '.join(words)}: teach tests/test_ignore.py what `make {target}` writes"
+        extra = [w.removeprefix("ARGS=") for w in words[2:] if w.startswith("ARGS=")]
+        k2jax = ["train", "experiments/default.yaml", *shlex.split(" ".join(extra))] if target == "train" else None
+        return MAKE_WRITES[target] + (_written_by_k2jax(k2jax) if k2jax else [])
+    if words[0] == ".venv/bin/k2jax":
+        return _written_by_k2jax(words[1:])
+    return []  # scripts (benchmarks/*.py write into a temporary directory) and other programs
+
+
+def _written_by_k2jax(argv: list[str]) -> list[str]:
+    assert argv[0] in WRITES, f"k2jax {' '.join(argv)}: teach tests/test_ignore.py what `k2jax {argv[0]}` writes"
+    args = build_parser().parse_args(argv)
+    return [str(p) for p in WRITES[argv[0]](args) if p]
+
+
+def _outputs() -> dict[str, str]:
+    """path -> where it comes from, for every path to keep out of `git status`."""
+    outputs = {}
+    for words in _bash_commands():
+        for path in _written(words):
+            outputs.setdefault(path, "README: " + " ".join(words)[:100])
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        outputs.setdefault(load_config(path).train.out_dir + "/metrics.jsonl", str(path.relative_to(ROOT)))
+    for path in sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")):
+        outputs.setdefault(f"{load_sweep(path).out_dir}/results.csv", str(path.relative_to(ROOT)))
+    return outputs
+
+
+def _in_repository(path: str) -> bool:
+    return not Path(path).is_absolute() or ROOT in Path(path).resolve().parents
+
+
+def test_readme_commands_and_experiments_write_only_ignored_paths(monkeypatch):
+    monkeypatch.chdir(ROOT)  # where the README's commands run, and what their relative paths mean
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT,
+                                                     capture_output=True).returncode:
+        pytest.skip("not a git work tree")
+    outputs = {p: why for p, why in _outputs().items() if _in_repository(p)}
+    kinds = {p.split("/")[0] for p in outputs}
+    assert {"runs", "corpora", "hf", "rephrased", ".venv"} <= kinds, kinds  # the parsing found the README's outputs
+    listed = subprocess.run(["git", "check-ignore", "--stdin"], cwd=ROOT, input="\n".join(outputs), text=True,
+                            capture_output=True)
+    assert listed.returncode in (0, 1), listed.stderr  # 1: none ignored
+    ignored = set(listed.stdout.splitlines())
+    missing = [f"{p} ({why})" for p, why in outputs.items() if p not in ignored]
+    assert not missing, "not ignored by .gitignore, so `git status` would list them: " + "; ".join(missing)
+
