@@ -180,7 +180,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bios")
     parser.add_argument("--people", type=int, default=200)
-    parser.add_argument("--exposures", type=int, default=10, help="E: epochs of the repeated arms, rephrasings")
+    parser.add_argument("--exposures", type=int, default=50, help="E: epochs of the repeated arms, rephrasings")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--weight-decays", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0],
                         help="tried on the raw (repetition) arm at the first seed")
