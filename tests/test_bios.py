@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
@@ -17,6 +18,7 @@ from k2jax.rephrase.prompts import load_styles
 ROOT = Path(__file__).parents[1]
 BIOS = ROOT / "experiments" / "bios"
 sys.path.insert(0, str(BIOS))
+import experiment  # noqa: E402
 import people as bios  # noqa: E402
 import shuffle  # noqa: E402
 
@@ -176,3 +178,11 @@ def test_shuffle(data, tmp_path):
     assert sum(a["text"] != b["text"] for a, b in zip(raw, shuffled)) > 150
     shuffle.main([str(data / "bios_raw.jsonl"), str(tmp_path / "again.jsonl"), "--seed", "1"])
     assert (tmp_path / "again.jsonl").read_bytes() == out.read_bytes()
+
+
+def test_the_reported_intervals_are_scipys_wilson_intervals():
+    from scipy.stats import binomtest
+
+    for hits, n in ((0, 600), (125, 600), (1119, 1200), (1200, 1200), (3, 7)):
+        expected = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+        np.testing.assert_allclose(experiment.wilson(hits, n), (expected.low, expected.high), atol=2e-4)
