@@ -35,11 +35,19 @@ _OS_HINTS = {errno.ENOSPC: "free space on that disk, then run again (--resume co
              errno.EPERM: "fix the permissions or write elsewhere"}
 
 
+def _preset_name(config: str | None) -> str | None:
+    """The model preset `_load` reads `config` as, or None for a YAML file (or no config)."""
+    if config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).is_file():
+        return None
+    return config
+
+
 def _load(config: str | None, overrides: list[str]) -> Config:
     """A YAML path, or a model preset name (e.g. kimi-k2) with default everything else."""
-    if config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).is_file():
+    preset = _preset_name(config)
+    if preset is None:
         return load_config(config, overrides)
-    return load_config(None, [f"model.preset={config}", *overrides])
+    return load_config(None, [f"model.preset={preset}", *overrides])
 
 
 def cmd_train(args) -> int:
@@ -78,13 +86,6 @@ def _human(n: float) -> str:
 # The batch a published model trained with (rows x tokens), which `k2jax info --config NAME` measures Newton-Schulz
 # against: Kimi K2's about 67M tokens of 4096-token sequences, DeepSeek-V3's 15,360 sequences of 4096 tokens.
 PUBLISHED_BATCH = {"kimi-k2": (16384, 4096), "deepseek-v3": (15360, 4096)}
-
-
-def _preset_name(config: str | None) -> str | None:
-    """The model preset `_load` reads `config` as, or None for a YAML file (or no config)."""
-    if config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).is_file():
-        return None
-    return config
 
 
 def cmd_info(args) -> int:

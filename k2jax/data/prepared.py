@@ -59,18 +59,22 @@ def rephrase_manifests(source: str) -> list[dict]:
     return manifests
 
 
+def read_rephrase_part(file: Path, fields: list[str]) -> list[dict]:
+    """The records of a `k2jax rephrase` part file (JSONL or Parquet), each with only `fields`."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(file, columns=fields).to_pylist()
+    with open(file) as f:
+        return [{k: record[k] for k in fields} for record in (json.loads(line) for line in f if line.strip())]
+
+
 def _iter_rephrased(directory: Path, manifests: list[dict], text_field: str) -> Iterator[corpus_lib.Document]:
     """The rewrites in the parts the manifests commit (not a part a running or killed job left unlisted),
     named by their ids, "{source_id}#{rephrasing}"."""
-    import pyarrow.parquet as pq
-
     for manifest in manifests:
         for part in manifest["parts"]:
-            file = directory / part["file"]
-            if file.suffix == ".parquet":
-                records = pq.read_table(file, columns=["id", text_field]).to_pylist()
-            else:
-                records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+            records = read_rephrase_part(directory / part["file"], ["id", text_field])
             yield from ((r["id"], r[text_field]) for r in records if r[text_field].strip())
 
 
@@ -81,11 +85,11 @@ def split_key(name: str) -> str:
     return source_id if sep and rephrasing.isdigit() else name
 
 
-def iter_source(source: str, text_field: str = "text",
-                report: corpus_lib.ReadReport | None = None) -> Iterator[corpus_lib.Document]:
-    """Documents of one source: a `k2jax rephrase` output directory, a path (see corpus.iter_documents) or
-    hf:NAME[:CONFIG][@SPLIT]."""
-    manifests = rephrase_manifests(source)
+def iter_source(source: str, text_field: str = "text", report: corpus_lib.ReadReport | None = None,
+                manifests: list[dict] | None = None) -> Iterator[corpus_lib.Document]:
+    """Documents of one source: a `k2jax rephrase` output directory (the parts its `manifests` commit; None:
+    read them now), a path (see corpus.iter_documents) or hf:NAME[:CONFIG][@SPLIT]."""
+    manifests = rephrase_manifests(source) if manifests is None else manifests
     if manifests:
         yield from _iter_rephrased(Path(source), manifests, text_field)
         return
@@ -165,10 +169,12 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
             raise ConfigError(f"prepare: source {source!r} does not exist")
 
     report = corpus_lib.ReadReport()
+    # read once: the parts tokenized and the provenance recorded come from the same manifests
+    rephrased = {source: rephrase_manifests(source) for source in sources}
 
     def documents():
         for source in sources:
-            yield from iter_source(source, text_field, report)
+            yield from iter_source(source, text_field, report, rephrased[source])
 
     try:
         tok = tokenizer_lib.from_spec(tokenizer, _bpe_sample(documents(), heldout_fraction, bpe_sample_bytes)
@@ -201,8 +207,8 @@ def prepare(sources: Iterable[str], out_dir: str | Path, *, tokenizer: str = "by
         if not splits["train"]["documents"]:
             raise ConfigError(f"prepare: all {found} documents fell in the held-out split; lower --heldout-fraction")
         tok.save(partial / "tokenizer")
-        provenance = {src: [{"settings": m["settings"], "counts": m["counts"]} for m in rephrase_manifests(src)]
-                      for src in sources if rephrase_manifests(src)}
+        provenance = {src: [{"settings": m["settings"], "counts": m["counts"]} for m in manifests]
+                      for src, manifests in rephrased.items() if manifests}
         manifest = {"format": FORMAT, "sources": sources, "provenance": provenance, "text_field": text_field,
                     "heldout_fraction": heldout_fraction, "tokenizer": tok.kind, "vocab_size": tok.vocab_size,
                     "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": splits,

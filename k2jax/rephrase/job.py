@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from k2jax.config import ConfigError
-from k2jax.data.prepared import REPHRASE_FORMAT as FORMAT, iter_source
+from k2jax.data.prepared import REPHRASE_FORMAT as FORMAT, iter_source, read_rephrase_part
 from k2jax.rephrase.chunking import TokenCounter, chunk_text, estimate_tokens
 from k2jax.rephrase.client import Client, GenerationError
 from k2jax.rephrase.fidelity import Check, FactsCheck, JudgeCheck, Unscored
@@ -104,16 +104,6 @@ def _parquet(records: list[dict]) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(records, schema=schema), sink)
     return sink.getvalue().to_pybytes()
-
-
-def _ids(part: Path) -> list[str]:
-    """The record ids of a part file."""
-    if part.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(part, columns=["id"]).column("id").to_pylist()
-    with open(part) as f:
-        return [json.loads(line)["id"] for line in f if line.strip()]
 
 
 def _separator(chunk: str) -> str:
@@ -186,7 +176,7 @@ class Job:
                 stray.unlink()
         done = set()
         for part in manifest["parts"]:
-            done.update(_ids(self.out / part["file"]))
+            done.update(r["id"] for r in read_rephrase_part(self.out / part["file"], ["id"]))
             done.update(part["dropped"])
         return manifest, done
 
