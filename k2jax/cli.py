@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from k2jax.config import Config, ConfigError, load_config
+from k2jax.interop.deepseek_v3 import EXPORT_DTYPES
 
 EXIT_STATUS = """exit status:
   0    done
@@ -54,12 +55,19 @@ def cmd_train(args) -> int:
     from k2jax.parallel import distributed
     from k2jax.train.loop import train
 
-    cfg = _load(args.config, args.set)
+    if args.init_from:
+        from k2jax.interop.importer import run_config
+
+        if args.resume:
+            raise ConfigError("--init-from starts a new run from imported weights; --resume continues one: pass one")
+        cfg = run_config(args.init_from, args.config, args.set)
+    else:
+        cfg = _load(args.config, args.set)
     distributed.initialize(auto=args.distributed == "auto", coordinator=args.coordinator,
                            num_processes=args.num_processes, process_id=args.process_id,
                            heartbeat_timeout=args.heartbeat_timeout)
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, init_from=args.init_from)
     except Exception:
         distributed.wait_for_lost_peer()  # an error a dead process caused ends naming it (exit 7)
         raise
@@ -263,10 +271,24 @@ def cmd_export(args) -> int:
     config_to_hf(run.config.model)  # a model the layout cannot hold (InteropError, exit 2) before anything is written
     _, params, rest = nnx.split(run.model, nnx.Param, ...)
     save_hf_checkpoint(out, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), run.config.model,
-                       fused_experts=args.fused_experts)
+                       fused_experts=args.fused_experts, dtype=args.dtype)
     shutil.copytree(Path(args.run_dir) / "tokenizer", out / "tokenizer")
-    print(f"step {run.step} of {args.run_dir} -> {out} (config.json, model.safetensors; the run's tokenizer in "
+    print(f"step {run.step} of {args.run_dir} -> {out} (config.json, {args.dtype} safetensors; the run's tokenizer in "
           f"{out / 'tokenizer'})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from k2jax.interop.importer import import_run
+    from k2jax.parallel import distributed
+
+    distributed.initialize(auto=args.distributed == "auto", coordinator=args.coordinator,
+                           num_processes=args.num_processes, process_id=args.process_id)
+    stats = import_run(args.hf_dir, args.run_dir, args.set,
+                       log=print if distributed.is_primary() else lambda _: None)
+    if distributed.is_primary():
+        print(f"{args.hf_dir} -> {args.run_dir}: {stats.line()}; continue it with `k2jax train "
+              f"{Path(args.run_dir) / 'config.yaml'} --resume` (data and optimizer settings may change)")
     return 0
 
 
@@ -427,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML (e.g. experiments/default.yaml) or a model preset name")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    p.add_argument("--init-from", metavar="HF_DIR", help="start from a DeepSeek-V3 / Kimi-K2 checkpoint directory "
+                   "(bf16, FP8 or int4; its config.json is the model, CONFIG sets the rest)")
     g = p.add_argument_group("multi-process (run the same command in every process)")
     g.add_argument("--distributed", choices=["auto"], help="detect the cluster (TPU VM pod slices, SLURM, Open MPI)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, elsewhere")
@@ -518,7 +542,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--fused-experts", action="store_true",
                    help="write experts as fused tensors (transformers' in-memory layout) instead of one per expert")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
+                   help="float32; bfloat16; fp8: FP8 e4m3 projections with 128x128 block scales, as DeepSeek-V3 and "
+                   "Kimi-K2 are released (the rest bfloat16)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="a Hugging Face DeepSeek-V3 / Kimi-K2 checkpoint (bf16, FP8 block-scaled, int4 "
+                       "experts) as a run directory, streamed into the run's sharding")
+    p.add_argument("hf_dir", help="directory with config.json, *.safetensors and a tokenizer")
+    p.add_argument("run_dir", help="new run directory to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run setting (mesh.*, optim.*, data.*, model.param_dtype, ...)")
+    g = p.add_argument_group("multi-process (run the same command in every process; each reads what its devices hold)")
+    g.add_argument("--distributed", choices=["auto"])
+    g.add_argument("--coordinator", metavar="HOST:PORT")
+    g.add_argument("--num-processes", type=int, metavar="N")
+    g.add_argument("--process-id", type=int, metavar="I")
+    p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) "
                        "over a run's checkpoint; concurrent requests share device batches")

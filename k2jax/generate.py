@@ -13,7 +13,6 @@ step for the whole batch, each prompt stopping on its own.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from k2jax.data import tokenizer as tokenizer_lib
 from k2jax.inference.engine import Completion, Engine, SamplingParams, encode_prompt
 from k2jax.model.transformer import Transformer
 from k2jax.train.checkpoint import Checkpointer, CheckpointError
-from k2jax.train.step import abstract_state, init_train_state
+from k2jax.train.step import abstract_train_state
 
 
 @dataclasses.dataclass
@@ -80,10 +79,10 @@ def load_run(run_dir: str | Path, step: int | None = None, *, compute_dtype: str
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = dataclasses.replace(load_config(run_dir / "config.yaml"), mesh=MeshConfig())
-    setup, state = init_train_state(cfg)
+    setup, abstract = abstract_train_state(cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     try:
-        state, _, _ = ckpt.restore(abstract_state(setup, state), step)
+        state, _, _ = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
     if compute_dtype is not None:
@@ -94,23 +93,25 @@ def load_run(run_dir: str | Path, step: int | None = None, *, compute_dtype: str
 
 
 def load_hf(directory: str | Path, *, compute_dtype: str | None = None) -> LoadedRun:
-    """A DeepSeek-V3 / Kimi-K2 format directory (float32/float16 safetensors) and its tokenizer."""
-    from k2jax.interop.deepseek_v3 import InteropError, load_hf_checkpoint
+    """A DeepSeek-V3 / Kimi-K2 format directory (bf16/float32, FP8 block-scaled or int4 experts) and its
+    tokenizer, streamed onto one mesh over this machine's devices."""
+    from k2jax.interop.deepseek_v3 import InteropError
+    from k2jax.interop.importer import hf_config, import_weights, run_config
+    from k2jax.interop.quant import WeightReader
 
     directory = Path(directory)
-    model_cfg, params, biases = load_hf_checkpoint(directory)
-    if compute_dtype is not None:
-        model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
-    cfg = Config(model=model_cfg, data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
+    hf = hf_config(directory)
+    cfg = run_config(directory, None, [f"model.compute_dtype={compute_dtype}"] if compute_dtype else [])
+    cfg = dataclasses.replace(cfg, data=DataConfig(seq_len=min(DataConfig.seq_len, cfg.model.max_seq_len)))
+    try:
+        tok = tokenizer_lib.from_hf_dir(directory)
+    except ValueError as e:
+        raise InteropError(str(e)) from None
+    setup, abstract = abstract_train_state(cfg)
+    params, biases, _ = import_weights(WeightReader(directory), cfg, abstract, hf, log=lambda _: None)
     model = _with_weights(cfg, params, biases)
-    if (directory / "tokenizer" / "tokenizer_kind.json").is_file():
-        tok = tokenizer_lib.load(directory / "tokenizer")
-    elif (directory / "tokenizer.json").is_file():
-        tok = tokenizer_lib.HFTokenizer.from_file(directory / "tokenizer.json")
-    else:
-        raise InteropError(f"{directory} has no tokenizer (tokenizer/ as `k2jax export` writes it, or tokenizer.json)")
-    name = json.loads((directory / "config.json").read_text()).get("_name_or_path") or directory.resolve().name
-    return LoadedRun(model, tok, cfg, 0, name, None)
+    name = hf.get("_name_or_path") or directory.resolve().name
+    return LoadedRun(model, tok, cfg, 0, name, None, setup.mesh if setup.mesh.size > 1 else None)
 
 
 def _with_weights(cfg: Config, *states) -> Transformer:

@@ -261,8 +261,10 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML experiment file (or the defaults) and apply `--set` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: dict | None = None) -> Config:
+    """Load a YAML experiment file (or the defaults) and apply `--set` overrides; `base`: sections (e.g. an
+    imported model's) under the file's."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -282,7 +284,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         listed = ", ".join(moves[:4]) + (f" and {len(moves) - 4} more" if len(moves) > 4 else "")
         print(f"k2jax: {where} uses key names from before the model config was split; read as {listed}",
               file=sys.stderr)
-    raw = _merge(raw, extra)
+    raw = _merge(_merge(base or {}, raw), extra)
     cfg = from_dict(Config, raw)
     vocab = _tokenizer_vocab(cfg.data)
     if "vocab_size" not in (raw.get("model") or {}) and vocab and vocab > cfg.model.vocab_size:

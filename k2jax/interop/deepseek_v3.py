@@ -1,15 +1,9 @@
-"""Weights to and from the Hugging Face DeepSeek-V3 layout (used by Kimi-K2 checkpoints).
+"""The Hugging Face DeepSeek-V3 layout (used by Kimi-K2 checkpoints): config.json <-> ModelConfig,
+state dicts in and out.
 
-Differences handled here:
-- torch Linear weights are (out, in); ours are (in, out) with heads split out.
-- DeepSeek's rotary dims are interleaved pairs (x0, x1), (x2, x3), ...; k2jax
-  rotates halves. Permuting the rotary output columns of q_b / q_proj (per
-  head) and of kv_a_proj_with_mqa by [0, 2, 4, ..., 1, 3, 5, ...] makes our
-  rotate-half compute exactly HF's rotation (scores are unchanged because
-  queries and keys are permuted alike).
-- Experts: transformers fuses them (experts.gate_up_proj (E, 2F, D),
-  experts.down_proj (E, D, F)); checkpoint files keep one Linear per expert
-  (experts.{j}.gate_proj.weight, ...). Both are read; either is written.
+Which HF tensor makes which k2jax weight (transposes, rotary permutation, expert layouts) is the table in
+`hf_layout`; reading it back for export is `to_hf_state_dict`. Streamed, sharded import of real (bf16,
+FP8, int4) checkpoints is `interop.importer`.
 """
 
 from __future__ import annotations
@@ -21,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from k2jax.config import AttentionConfig, ModelConfig, MoEConfig, YarnConfig
+from k2jax.interop import hf_layout
 
 
 class InteropError(ValueError):
@@ -87,117 +82,42 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return hf
 
 
-def _rope_perm(r: int) -> np.ndarray:
-    return np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2)])
+def check_tensors(cfg: ModelConfig, present: Mapping[str, tuple], *, fused_experts: bool,
+                  mtp_layers: int = 0) -> list[str]:
+    """Refuse a checkpoint (name -> shape) that misses, mis-shapes or adds a tensor, naming it; returns the
+    multi-token-prediction tensors it holds, which k2jax skips."""
+    expected = hf_layout.expected_tensors(hf_layout.sources(cfg, fused_experts=fused_experts))
+    missing = [name for name in expected if name not in present]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise InteropError(f"missing key {missing[0]!r}{more} in the Hugging Face checkpoint")
+    for name, shape in expected.items():
+        if tuple(present[name]) != shape:
+            raise InteropError(f"{name}: expected shape {shape}, got {tuple(present[name])}")
+    extra = [name for name in present if name not in expected and "rotary_emb" not in name]
+    skipped = [name for name in extra if hf_layout.is_mtp(name, cfg, mtp_layers)]
+    unused = sorted(set(extra) - set(skipped))
+    if unused:
+        raise InteropError(f"{len(unused)} Hugging Face tensors have no place in the k2jax model, e.g. {unused[:3]}")
+    return skipped
 
 
-class _Reader:
-    """Checked access to a HF state dict (numpy arrays)."""
-
-    def __init__(self, sd: Mapping):
-        self.sd = sd
-        self.used: set[str] = set()
-
-    def __call__(self, key: str, shape: tuple) -> np.ndarray:
-        if key not in self.sd:
-            raise InteropError(f"missing key {key!r} in the Hugging Face state dict")
-        value = np.asarray(self.sd[key], np.float32)
-        if value.shape != tuple(shape):
-            raise InteropError(f"{key}: expected shape {tuple(shape)}, got {value.shape}")
-        self.used.add(key)
-        return value
-
-    def has(self, key: str) -> bool:
-        return key in self.sd
+def has_fused_experts(names) -> bool:
+    """Whether a checkpoint holds transformers' fused expert tensors (else one tensor per expert)."""
+    return any(name.endswith("experts.gate_up_proj") for name in names)
 
 
-def _attention_from_hf(get, p: str, cfg: ModelConfig) -> dict:
-    att = cfg.attention
-    d, h, nope, r, dv = cfg.d_model, att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
-    perm = np.concatenate([np.arange(nope), nope + _rope_perm(r)])
-    out = {}
-    if att.q_lora_rank:
-        out["wq_a"] = get(f"{p}q_a_proj.weight", (att.q_lora_rank, d)).T
-        out["q_norm"] = {"scale": get(f"{p}q_a_layernorm.weight", (att.q_lora_rank,))}
-        q_b = get(f"{p}q_b_proj.weight", (h * (nope + r), att.q_lora_rank))
-        out["wq_b"] = q_b.T.reshape(att.q_lora_rank, h, nope + r)[..., perm]
-    else:
-        out["wq"] = get(f"{p}q_proj.weight", (h * (nope + r), d)).T.reshape(d, h, nope + r)[..., perm]
-    kv_a = get(f"{p}kv_a_proj_with_mqa.weight", (att.kv_lora_rank + r, d)).T
-    out["wkv_a"] = np.concatenate([kv_a[:, :att.kv_lora_rank], kv_a[:, att.kv_lora_rank:][:, _rope_perm(r)]], 1)
-    out["kv_norm"] = {"scale": get(f"{p}kv_a_layernorm.weight", (att.kv_lora_rank,))}
-    out["wkv_b"] = get(f"{p}kv_b_proj.weight", (h * (nope + dv), att.kv_lora_rank)).T.reshape(
-        att.kv_lora_rank, h, nope + dv)
-    out["wo"] = get(f"{p}o_proj.weight", (d, h * dv)).T.reshape(h, dv, d)
-    return out
-
-
-def _swiglu_from_hf(get, p: str, d: int, f: int) -> dict:
-    return {"gate": get(f"{p}gate_proj.weight", (f, d)).T, "up": get(f"{p}up_proj.weight", (f, d)).T,
-            "down": get(f"{p}down_proj.weight", (d, f)).T}
-
-
-def _moe_from_hf(get, p: str, cfg: ModelConfig) -> tuple[dict, np.ndarray]:
-    moe = cfg.moe
-    d, e, f = cfg.d_model, moe.num_experts, moe.expert_ffn_dim
-    out = {"router": get(f"{p}gate.weight", (e, d)).T}
-    if get.has(f"{p}experts.gate_up_proj"):
-        gate_up = get(f"{p}experts.gate_up_proj", (e, 2 * f, d))
-        out["wi_gate"] = gate_up[:, :f].transpose(0, 2, 1)
-        out["wi_up"] = gate_up[:, f:].transpose(0, 2, 1)
-        out["wo"] = get(f"{p}experts.down_proj", (e, d, f)).transpose(0, 2, 1)
-    else:
-        experts = [_swiglu_from_hf(get, f"{p}experts.{j}.", d, f) for j in range(e)]
-        out["wi_gate"] = np.stack([x["gate"] for x in experts])
-        out["wi_up"] = np.stack([x["up"] for x in experts])
-        out["wo"] = np.stack([x["down"] for x in experts])
-    if moe.num_shared_experts:
-        out["shared"] = _swiglu_from_hf(get, f"{p}shared_experts.", d, moe.num_shared_experts * f)
-    bias = get(f"{p}gate.e_score_correction_bias", (e,))
-    return out, bias
-
-
-def _stack(layers: list[dict]):
-    import jax
-
-    return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+def _materialize(tree: dict, read) -> dict:
+    return {k: _materialize(v, read) if isinstance(v, dict) else v.block(read, ()) for k, v in tree.items()}
 
 
 def from_hf_state_dict(state_dict: Mapping, cfg: ModelConfig):
     """(params, router_biases) as the pure dicts of nnx.state(model, nnx.Param) and of RouterBias."""
-    scan = cfg.scan_layers
-    get = _Reader(state_dict)
-    d, v = cfg.d_model, cfg.vocab_size
-    stacks = {"dense_layers": [], "moe_layers": []}
-    biases = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        layer = {"attn_norm": {"scale": get(f"{p}input_layernorm.weight", (d,))},
-                 "ffn_norm": {"scale": get(f"{p}post_attention_layernorm.weight", (d,))},
-                 "attn": _attention_from_hf(get, f"{p}self_attn.", cfg)}
-        if i < cfg.num_dense_layers:
-            layer["ffn"] = _swiglu_from_hf(get, f"{p}mlp.", d, cfg.dense_ffn_dim)
-            stacks["dense_layers"].append(layer)
-        else:
-            layer["ffn"], bias = _moe_from_hf(get, f"{p}mlp.", cfg)
-            stacks["moe_layers"].append(layer)
-            biases.append(bias)
-    params = {"embed": {"table": get("model.embed_tokens.weight", (v, d))},
-              "final_norm": {"scale": get("model.norm.weight", (d,))}}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight", (v, d)).T
-    bias_tree = {}
-    for name, layers in stacks.items():
-        if not layers:
-            continue
-        params[name] = _stack(layers) if scan else dict(enumerate(layers))
-    if biases:
-        bias_tree["moe_layers"] = ({"ffn": {"bias": np.stack(biases)}} if scan
-                                   else {i: {"ffn": {"bias": b}} for i, b in enumerate(biases)})
-    unused = sorted(k for k in state_dict if k not in get.used and "rotary_emb" not in k)
-    if unused:
-        raise InteropError(f"{len(unused)} Hugging Face tensors have no place in the k2jax model, e.g. {unused[:3]}")
-    return params, bias_tree
+    fused = has_fused_experts(state_dict)
+    check_tensors(cfg, {k: np.shape(v) for k, v in state_dict.items()}, fused_experts=fused)
+    params, biases = hf_layout.sources(cfg, fused_experts=fused)
+    read = lambda name: np.asarray(state_dict[name], np.float32)  # noqa: E731
+    return _materialize(params, read), _materialize(biases, read)
 
 
 def _layer(tree: dict, i: int, scan: bool):
@@ -212,7 +132,7 @@ def to_hf_state_dict(params: Mapping, router_biases: Mapping, cfg: ModelConfig, 
     scan = cfg.scan_layers
     att = cfg.attention
     h, nope, r, dv = att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
-    inverse = np.argsort(np.concatenate([np.arange(nope), nope + _rope_perm(r)]))
+    inverse = np.argsort(np.concatenate([np.arange(nope), nope + hf_layout.rope_perm(r)]))
     sd = {"model.embed_tokens.weight": params["embed"]["table"], "model.norm.weight": params["final_norm"]["scale"]}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = np.asarray(params["lm_head"]).T
@@ -231,7 +151,7 @@ def to_hf_state_dict(params: Mapping, router_biases: Mapping, cfg: ModelConfig, 
         else:
             sd[f"{p}self_attn.q_proj.weight"] = a["wq"][..., inverse].reshape(cfg.d_model, -1).T
         kv_a = a["wkv_a"]
-        rope_cols = kv_a[:, att.kv_lora_rank:][:, np.argsort(_rope_perm(r))]
+        rope_cols = kv_a[:, att.kv_lora_rank:][:, np.argsort(hf_layout.rope_perm(r))]
         sd[f"{p}self_attn.kv_a_proj_with_mqa.weight"] = np.concatenate([kv_a[:, :att.kv_lora_rank], rope_cols], 1).T
         sd[f"{p}self_attn.kv_a_layernorm.weight"] = a["kv_norm"]["scale"]
         sd[f"{p}self_attn.kv_b_proj.weight"] = a["wkv_b"].reshape(att.kv_lora_rank, h * (nope + dv)).T
@@ -258,34 +178,90 @@ def to_hf_state_dict(params: Mapping, router_biases: Mapping, cfg: ModelConfig, 
 
 
 def load_hf_checkpoint(directory: str | Path, cfg: ModelConfig | None = None):
-    """(cfg, params, router_biases) from a local directory with config.json and float32/float16
-    *.safetensors (numpy has no bfloat16: convert bf16/fp8 checkpoints to float32 first)."""
-    from safetensors.numpy import load_file
+    """(cfg, params, router_biases) as numpy trees from a local directory with config.json and *.safetensors
+    (float32/bf16, FP8 block-scaled or int4 pack-quantized; see interop.quant), all in host memory: for
+    small models and tests. Large checkpoints: interop.importer streams them onto devices."""
+    from k2jax.interop.quant import WeightReader
 
     directory = Path(directory)
-    if cfg is None:
-        cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise InteropError(f"no *.safetensors files in {directory}")
-    state_dict: dict = {}
-    for f in files:
-        state_dict.update(load_file(str(f)))
-    params, biases = from_hf_state_dict(state_dict, cfg)
-    return cfg, params, biases
+    hf = json.loads((directory / "config.json").read_text())
+    cfg = config_from_hf(hf) if cfg is None else cfg
+    reader = WeightReader(directory)
+    names = reader.logical_names()
+    fused = has_fused_experts(names)
+    check_tensors(cfg, {n: reader.shape(n) for n in names}, fused_experts=fused,
+                  mtp_layers=int(hf.get("num_nextn_predict_layers") or 0))
+    params, biases = hf_layout.sources(cfg, fused_experts=fused)
+    read = lambda name: reader.read(name, np.float32)  # noqa: E731
+    return cfg, _materialize(params, read), _materialize(biases, read)
+
+
+EXPORT_DTYPES = ("float32", "bfloat16", "fp8")
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's and Kimi-K2's weight_block_size
+SHARD_BYTES = 5 << 30  # per safetensors file, as the released checkpoints split them
+
+
+def _is_fp8_weight(name: str) -> bool:
+    """The weights V3 and K2 release in FP8: every projection inside a decoder layer (attention, dense MLP,
+    experts, shared experts); not the router, norms, embeddings or lm_head."""
+    return name.startswith("model.layers.") and name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+
+
+def encode_state_dict(sd: Mapping[str, np.ndarray], dtype: str) -> tuple[dict, dict | None]:
+    """(tensors as stored, config.json's quantization_config or None) of a float32 state dict in
+    `dtype`: float32, bfloat16, or fp8 (FP8 e4m3 with float32 128x128 block scales, the rest bfloat16)."""
+    import ml_dtypes
+
+    from k2jax.interop.quant import quantize_fp8_block
+
+    if dtype not in EXPORT_DTYPES:
+        raise InteropError(f"export dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    if dtype == "float32":
+        return dict(sd), None
+    out = {}
+    for name, w in sd.items():
+        if dtype == "fp8" and _is_fp8_weight(name):
+            out[name], out[f"{name}_scale_inv"] = quantize_fp8_block(w, FP8_BLOCK)
+        else:
+            out[name] = np.asarray(w).astype(ml_dtypes.bfloat16)
+    if dtype == "bfloat16":
+        return out, None
+    return out, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                 "weight_block_size": list(FP8_BLOCK)}
 
 
 def save_hf_checkpoint(directory: str | Path, params: Mapping, router_biases: Mapping, cfg: ModelConfig, *,
-                       fused_experts: bool = False) -> Path:
-    """Write config.json and model.safetensors (float32; one tensor per expert, like DeepSeek-V3 and Kimi-K2
-    checkpoint files) into `directory`, which load_hf_checkpoint and transformers'
+                       fused_experts: bool = False, dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write config.json and safetensors files (one tensor per expert, like the DeepSeek-V3 and Kimi-K2
+    releases; files of at most `shard_bytes` with model.safetensors.index.json when there are several) in
+    `dtype` (EXPORT_DTYPES) into `directory`, which load_hf_checkpoint, `k2jax import` and transformers'
     DeepseekV3ForCausalLM.from_pretrained read."""
-    from safetensors.numpy import save_file
+    from k2jax.interop.safetensors_io import save_file, save_index
 
     hf_config = config_to_hf(cfg)  # refuses before anything is written
+    if fused_experts and dtype == "fp8":
+        raise InteropError("FP8 export writes one tensor per expert (the released layout); drop --fused-experts")
+    tensors, quantization = encode_state_dict(to_hf_state_dict(params, router_biases, cfg, fused_experts=fused_experts),
+                                              dtype)
+    files: list[dict] = [{}]
+    size = 0  # of the last file
+    for name, t in tensors.items():
+        if files[-1] and size + t.nbytes > shard_bytes:
+            files.append({})
+            size = 0
+        files[-1][name] = t
+        size += t.nbytes
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(params, router_biases, cfg, fused_experts=fused_experts),
-              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    names = (["model.safetensors"] if len(files) == 1 else
+             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
+    for file_name, part in zip(names, files):
+        save_file(part, directory / file_name, metadata={"format": "pt"})
+    if len(files) > 1:
+        save_index(directory, {n: f for f, part in zip(names, files) for n in part},
+                   sum(t.nbytes for t in tensors.values()))
+    hf_config["torch_dtype"] = "float32" if dtype == "float32" else "bfloat16"
+    if quantization:
+        hf_config["quantization_config"] = quantization
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
     return directory

@@ -82,6 +82,15 @@ def saved_config(directory: str | Path) -> tuple[int, dict]:
     raise CheckpointError(f"no finished checkpoint in {directory} has a readable config")
 
 
+def imported_from(directory: str | Path, step: int) -> str | None:
+    """The Hugging Face directory a checkpoint was imported from (`k2jax import`), else None; nothing written."""
+    try:
+        data = json.loads((Path(directory) / str(step) / "data" / "metadata").read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("imported_from") if isinstance(data, dict) else None
+
+
 def _leftovers(directory: Path) -> list[tuple[Path, str]]:
     """(path, why) for what interrupted saves and deletions left in a checkpoint directory."""
     if not directory.is_dir():

@@ -38,9 +38,11 @@ from k2jax.eval.scoring import ModelParts
 from k2jax.model import flops as flops_lib
 from k2jax.parallel import distributed
 from k2jax.parallel.sharding import batch_sharding
-from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag, finished_steps, saved_config, warn
+from k2jax.train.checkpoint import (Checkpointer, CheckpointError, PreemptionFlag, finished_steps, imported_from,
+                                    saved_config, warn)
 from k2jax.train.metrics import LoadMonitor, MetricsWriter, plot_run
-from k2jax.train.step import abstract_batch, abstract_state, init_train_state, make_eval_step, make_train_step
+from k2jax.train.step import (abstract_batch, abstract_state, abstract_train_state, init_train_state, make_eval_step,
+                              make_train_step)
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,11 +100,15 @@ def _check_writable(directory: Path) -> None:
         raise OSError(e.errno, f"cannot write in train.out_dir ({e.strerror})", str(directory)) from e
 
 
-def _data(cfg: Config, out: Path, resume: bool):
+def _data(cfg: Config, out: Path, resume: bool, init_from: str | None):
     """(this process's train chunks (a mixture.Sources for data.sources), held-out chunks, tokenizer, held-out
-    texts: None for prepared corpora) from a mixture, a prepared or an in-memory corpus; nothing written."""
+    texts: None for prepared corpora) from a mixture, a prepared or an in-memory corpus; nothing written.
+    The tokenizer is the run's own when resuming, the imported model's with init_from; a prepared corpus
+    must have been tokenized with it."""
     seq_len, shard, shards = cfg.data.seq_len, jax.process_index(), jax.process_count()
     tok_dir = out / "tokenizer"
+    given = (tokenizer_lib.from_hf_dir(init_from) if init_from else
+             tokenizer_lib.load(tok_dir) if resume and tok_dir.exists() else None)
     if cfg.data.sources:
         sources = mixture.Sources(cfg.data.sources, seq_len, shard, shards)
         sources.check_epochs(cfg.train.steps * distributed.local_batch_size(cfg.train.batch_size) * seq_len)
@@ -114,12 +120,14 @@ def _data(cfg: Config, out: Path, resume: bool):
         heldout_docs = None
     else:
         train_docs, heldout_docs = corpus_lib.load_corpus(cfg.data)
-        if resume and tok_dir.exists():
-            tok = tokenizer_lib.load(tok_dir)
-        else:
-            tok = tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic: the same in every process
+        tok = given or tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic: the same in every process
         train_chunks = pipeline.chunk_documents(tok, pipeline.shard_documents(train_docs, shard, shards), seq_len)
         heldout_chunks = pipeline.chunk_documents(tok, heldout_docs, seq_len)
+    if given is not None and not tokenizer_lib.same(given, tok):
+        whose = f"{init_from}'s" if init_from else "the run's"
+        raise ConfigError(f"data: the corpus was tokenized with another tokenizer than {whose} (vocabulary "
+                          f"{tok.vocab_size} vs {given.vocab_size}); prepare it with `k2jax prepare ... --tokenizer "
+                          f"{init_from or tok_dir}`")
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size}); set it to at least {tok.vocab_size}, or leave it "
@@ -147,8 +155,9 @@ def _check_resumed_config(ckpt_dir: Path, cfg: Config) -> None:
         raise CheckpointError(f"--resume: the config saved with step {step} does not load in this version of "
                               f"k2jax ({e})") from e
     new = _flat(to_dict(cfg))
+    imported = imported_from(ckpt_dir, step)  # an imported checkpoint fixes only the model
     diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not _resumable(k)]
+            if old.get(k) != new.get(k) and not (_resumable(k) or (imported and not k.startswith("model.")))]
     if diff:
         raise ConfigError(f"--resume: these settings differ from the run's (checkpoint step {step}): "
                           f"{'; '.join(diff)}. A resumed run keeps its model, data and optimizer kind (execution, "
@@ -196,17 +205,18 @@ def evaluate(eval_step, state, batches) -> float:
     return total / max(count, 1.0)
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict:
+def train(cfg: Config, *, resume: bool = False, init_from: str | None = None) -> dict:
     """Train per `cfg`; returns a summary dict (final/best eval loss, tokens/s, max logit, wall time, ...).
+    init_from: a Hugging Face DeepSeek-V3 / Kimi-K2 directory whose weights a new run starts from.
 
     The set-up phases, in this order in every process, then the steps (`_Steps`), then the results."""
     started = time.perf_counter()
     out, ckpt_dir = _prepare_run_dir(cfg, resume)
     if resume:
         _check_resumed_config(ckpt_dir, cfg)
-    train_chunks, heldout_chunks, tok, heldout_docs = _data(cfg, out, resume)
+    train_chunks, heldout_chunks, tok, heldout_docs = _data(cfg, out, resume, init_from)
     suite = _eval_suite(cfg, tok, heldout_docs)
-    setup, state = init_train_state(cfg)
+    setup, state = _initial_state(cfg, resume, init_from)
     distributed.check_tensor_axis_within_processes(setup.mesh.devices)
     batches = _batches(cfg, setup, train_chunks, heldout_chunks)
     if distributed.is_primary():  # the run is accepted: the first writes
@@ -224,6 +234,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     if distributed.is_primary():
         _write_results(cfg, out, summary)
     return summary
+
+
+def _initial_state(cfg: Config, resume: bool, init_from: str | None):
+    """(setup, state): imported weights with a fresh optimizer, the abstract state a resume restores into,
+    or a random initialisation."""
+    if init_from:
+        from k2jax.interop.importer import initial_state
+
+        setup, state, stats = initial_state(cfg, init_from, log=print if distributed.is_primary() else lambda _: None)
+        if distributed.is_primary():
+            print(f"k2jax: imported {init_from}: {stats.line()}", flush=True)
+        return setup, state
+    return abstract_train_state(cfg) if resume else init_train_state(cfg)
 
 
 def _eval_suite(cfg: Config, tok, heldout_docs) -> suite_lib.Suite | None:
@@ -282,7 +305,8 @@ def _restore(ckpt: Checkpointer, setup, state: dict, train_iter) -> dict:
     state, data_state, _ = ckpt.restore(abstract_state(setup, state))
     for unreadable in [s for s in ckpt.all_steps() if s > int(state["step"])]:
         warn(f"moved the unreadable checkpoint to {ckpt.set_aside(unreadable)}; delete it when done with it")
-    train_iter.set_state(_own_iterator_state(data_state))
+    if "imported_from" not in data_state:  # an imported checkpoint (k2jax import): the data starts at its beginning
+        train_iter.set_state(_own_iterator_state(data_state))
     return state
 
 
