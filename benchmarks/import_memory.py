@@ -23,12 +23,14 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import httpx2 as httpx
+
 ROOT = Path(__file__).parents[1]
+os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")  # every step's process
 MESH = ["mesh.fsdp=2", "mesh.expert=4"]
 
 MEASURE = textwrap.dedent("""
     import json, os, sys, threading, time
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
     from k2jax.interop import importer
     from k2jax.interop.deepseek_v3 import load_hf_checkpoint
@@ -84,12 +86,14 @@ def write_checkpoint(directory: Path, vocab: int) -> dict:
     code = textwrap.dedent(f"""
         import json, jax, numpy as np
         from k2jax.config import load_config
+        from k2jax.data.tokenizer import ByteTokenizer
         from k2jax.interop.deepseek_v3 import save_hf_checkpoint, to_hf_state_dict
         from k2jax.train.step import init_train_state
         cfg = load_config(None, ["model.preset=medium", "model.vocab_size={vocab}"])
         _, state = init_train_state(cfg)
         params, biases = jax.device_get(state["params"]), jax.device_get(state["model_state"])
         save_hf_checkpoint({str(directory)!r}, params, biases, cfg.model, dtype="fp8", shard_bytes=64 << 20)
+        ByteTokenizer().save({str(directory / "tokenizer")!r})
         sizes = [v.size * 4 for v in to_hf_state_dict(params, biases, cfg.model).values()]
         print(json.dumps({{"total": sum(sizes), "largest": max(sizes), "tensors": len(sizes)}}))
     """)
@@ -97,11 +101,39 @@ def write_checkpoint(directory: Path, vocab: int) -> dict:
 
 
 def _run(code: str, *args: str) -> str:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    return _python("-c", code, *args)
+
+
+def _python(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
-        sys.exit(f"benchmark step failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"benchmark step {' '.join(args)[:200]} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
+
+
+def use_imported(hf_dir: Path, tmp: Path) -> None:
+    """`k2jax import` onto the 8 devices, then the imported run trains two steps, samples and serves a request."""
+    from rephrase_throughput import start_server  # benchmarks/: `k2jax serve` as a subprocess, once it answers
+
+    run = tmp / "imported"
+    cli = ["-m", "k2jax.cli"]
+    small = ["--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "data.seq_len=64", "--set",
+             "data.max_corpus_bytes=400000", "--set", "train.progress=false", "--set", "eval.tasks=[]",
+             "--set", "eval.bits_per_byte=[]"]
+    steps = [("import", [*cli, "import", str(hf_dir), str(run), *(a for m in MESH for a in ("--set", m))]),
+             ("train", [*cli, "train", str(run / "config.yaml"), "--resume", *small]),
+             ("sample", [*cli, "sample", str(run), "--tokens", "8", "--temperature", "0"])]
+    for name, args in steps:
+        print(f"{name}: {_python(*args).strip().splitlines()[-1][:160]}")
+    proc, url = start_server(run, tmp / "serve.log", max_len=64)
+    try:
+        reply = httpx.post(f"{url}/v1/completions", json={"model": "imported", "prompt": "def ", "max_tokens": 8,
+                                                           "temperature": 0}, timeout=300).json()
+        print(f"serve: /v1/completions -> {reply['usage']['completion_tokens']} tokens, "
+              f"finish_reason {reply['choices'][0]['finish_reason']!r}")
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def main() -> None:
@@ -111,7 +143,7 @@ def main() -> None:
           "/ largest | / all | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
     streamed = []
-    for vocab in (32768, 98304):
+    for vocab in (98304, 32768):
         with tempfile.TemporaryDirectory() as tmp:
             hf_dir = Path(tmp) / "medium-fp8"
             sizes = write_checkpoint(hf_dir, vocab)
@@ -123,6 +155,9 @@ def main() -> None:
                       f"{r['transient'] / sizes['total']:.2f}x | {r['seconds']:.1f} |")
                 if mode == "streamed":
                     streamed.append((sizes["largest"], r["transient"]))
+            if vocab == 32768:
+                print()
+                use_imported(hf_dir, Path(tmp))
     (x0, y0), (x1, y1) = streamed
     slope = (y1 - y0) / (x1 - x0)
     print(f"\nstreamed: transient = {slope:.2f} x largest tensor + {(y0 - slope * x0) / mib:,.0f} MiB "

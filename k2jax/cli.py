@@ -61,6 +61,8 @@ def cmd_train(args) -> int:
         if args.resume:
             raise ConfigError("--init-from starts a new run from imported weights; --resume continues one: pass one")
         cfg = run_config(args.init_from, args.config, args.set)
+    elif args.config is None:
+        raise ConfigError("train: give CONFIG (an experiment YAML or a model preset), or --init-from HF_DIR")
     else:
         cfg = _load(args.config, args.set)
     distributed.initialize(auto=args.distributed == "auto", coordinator=args.coordinator,
@@ -446,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from an experiment YAML")
-    p.add_argument("config", help="experiment YAML (e.g. experiments/default.yaml) or a model preset name")
+    p.add_argument("config", nargs="?", help="experiment YAML (e.g. experiments/default.yaml) or a model preset name; "
+                   "optional with --init-from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
     p.add_argument("--init-from", metavar="HF_DIR", help="start from a DeepSeek-V3 / Kimi-K2 checkpoint directory "

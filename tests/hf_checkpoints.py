@@ -452,14 +452,16 @@ def write_int4_experts(directory, config: DeepseekV3Config, sd: dict, group_size
 
 # ---------------------------------------------------------------------------------------------------- readers
 def read_checkpoint(directory) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded directory, as stored (via model.safetensors.index.json)."""
+    """Every tensor of a directory, as stored (the shards of model.safetensors.index.json, or model.safetensors)."""
     directory = Path(directory)
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    files = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
     out = {}
-    for file in sorted(set(index["weight_map"].values())):
+    for file in files:
         with safe_open(str(directory / file), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
-    assert set(out) == set(index["weight_map"]), "index and shards disagree"
+    assert index is None or set(out) == set(index["weight_map"]), "index and shards disagree"
     return out
 
 

@@ -20,10 +20,11 @@ README = (ROOT / "README.md").read_text()
 
 # what each `k2jax` command writes, from its parsed arguments (a new command needs an entry: the test says so)
 WRITES = {
-    "train": lambda a: [load_config(a.config, a.set).train.out_dir],
+    "train": lambda a: [_train_out(a)],
     "sample": lambda a: [],
     "eval": lambda a: [f"{a.run_dir}/eval/step_1.json"],
     "export": lambda a: [a.out_dir],
+    "import": lambda a: [a.run_dir],
     "serve": lambda a: [],
     "info": lambda a: [],
     "prepare": lambda a: [a.out],
@@ -34,6 +35,17 @@ WRITES = {
     "lower": lambda a: [a.out],
     "plan": lambda a: [a.json, a.hlo],
 }
+
+
+def _train_out(a) -> str:
+    """train.out_dir of a train command; a resumed run's config.yaml (made by an earlier command) is in it."""
+    if a.resume and a.config.endswith("/config.yaml") and not Path(a.config).exists():
+        return str(Path(a.config).parent)
+    if a.init_from:  # the model is the (absent) HF directory's: only the train section decides
+        return load_config(None, [s for s in a.set if s.startswith("train.")]).train.out_dir
+    return load_config(a.config, a.set).train.out_dir
+
+
 MAKE_WRITES = {"train": [".venv/bin/python"], "test": [".venv/bin/python", ".pytest_cache/README.md"],
                "venv": [".venv/bin/python"]}
 

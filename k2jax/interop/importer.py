@@ -158,10 +158,16 @@ def _fill(src, lead: tuple[slice, ...], trails: list, devices: list, unit: tuple
     if nbytes <= budget or split is None:
         host = src.block(read, lead)  # (*extents, *unit)
         every = (slice(None),) * len(lead)
-        parts = {}  # one host copy per distinct slice: replicas share it
-        for trail in trails:
-            parts.setdefault(_key(trail), np.ascontiguousarray(host[every + trail], dtype=dtype))
-        return [jax.device_put(parts[_key(trail)], d) for trail, d in zip(trails, devices)]
+        same = collections.defaultdict(list)  # distinct slice -> the devices holding it (replicas share a copy)
+        for i, trail in enumerate(trails):
+            same[_key(trail)].append(i)
+        placed = [None] * len(devices)
+        for positions in same.values():  # one host copy at a time, sent before the next is made
+            part = np.ascontiguousarray(host[every + trails[positions[0]]], dtype=dtype)
+            for i in positions:
+                placed[i] = jax.device_put(part, devices[i])
+            jax.block_until_ready([placed[i] for i in positions])
+        return placed
     shape = [tuple(extents) + tuple(s.stop - s.start for s in trail) for trail in trails]
     buffers = [_zeros(s, dtype, d) for s, d in zip(shape, devices)]
     step = max(1, extents[split] * budget // nbytes)
@@ -207,13 +213,15 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] | (
     `sample`, `serve` and `eval` read it. Written to a sibling temporary directory, renamed when complete."""
     from k2jax.data import tokenizer as tokenizer_lib
     from k2jax.parallel import distributed
-    from k2jax.train.checkpoint import Checkpointer
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if run_dir.exists():
         raise ConfigError(f"import: {run_dir} already exists; choose a new RUN_DIR (nothing was written)")
     cfg = run_config(hf_dir, None, [*overrides, f"train.out_dir={run_dir}"])
-    tok = tokenizer_lib.from_hf_dir(hf_dir)
+    try:
+        tok = tokenizer_lib.from_hf_dir(hf_dir)
+    except ValueError as e:
+        raise InteropError(str(e)) from None
     if tok.vocab_size > cfg.model.vocab_size:
         raise InteropError(f"{hf_dir}: the tokenizer has {tok.vocab_size} ids, the model's vocab_size is "
                            f"{cfg.model.vocab_size}")
@@ -223,6 +231,23 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] | (
         shutil.rmtree(partial, ignore_errors=True)  # a killed import's leftovers
         partial.mkdir(parents=True)
     distributed.wait_for_all("k2jax_import_start")
+    try:
+        stats = _write_run(partial, run_dir, cfg, hf_dir, tok, log)
+    except BaseException:  # an error or Ctrl-C: no half-written run (a killed import's leftovers go next time)
+        if distributed.is_primary():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    distributed.wait_for_all("k2jax_import_done")
+    return stats
+
+
+def _write_run(partial: Path, run_dir: Path, cfg: Config, hf_dir: Path, tok, log) -> ImportStats:
+    """The imported run, written into `partial` and renamed to `run_dir` once complete."""
+    import yaml
+
+    from k2jax.parallel import distributed
+    from k2jax.train.checkpoint import Checkpointer
+
     setup, state, stats = initial_state(cfg, hf_dir, log)
     ckpt = Checkpointer(partial / "checkpoints", async_save=False)
     try:
@@ -230,15 +255,13 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] | (
         ckpt.wait()
     finally:
         ckpt.close()
+    distributed.wait_for_all("k2jax_import_saved")
     if distributed.is_primary():
         tok.save(partial / "tokenizer")
-        import yaml
-
         (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (partial / "import.json").write_text(json.dumps({
             "source": str(hf_dir.resolve()), "tensors": stats.tensors, "stored_bytes": stats.stored_bytes,
             "formats": dict(stats.formats), "skipped_mtp_tensors": len(stats.skipped), "seconds": stats.seconds,
             "mesh": dict(setup.mesh.shape)}, indent=2))
         partial.rename(run_dir)
-    distributed.wait_for_all("k2jax_import_done")
     return stats
