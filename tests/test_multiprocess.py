@@ -165,3 +165,40 @@ def test_heartbeat_timeout_is_checked_before_joining():
 
     with pytest.raises(ConfigError, match="--heartbeat-timeout must be a whole number of seconds, at least 3"):
         distributed.initialize(coordinator="localhost:1", num_processes=2, process_id=0, heartbeat_timeout=2)
+
+
+def test_two_processes_import_a_checkpoint_each_reading_only_its_experts(tmp_path):
+    """`k2jax import` in 2 processes, experts split over them (mesh expert=4 over 2 x 2 devices): each process
+    reads the replicated tensors and its own half of the experts; the run they write, restored here on one
+    device, holds exactly the checkpoint's weights."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from k2jax.generate import load_run
+    from k2jax.interop.deepseek_v3 import load_hf_checkpoint, save_hf_checkpoint
+    from k2jax.interop.quant import WeightReader
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml")
+    _, state = init_train_state(cfg)
+    hf_dir, run = tmp_path / "hf", tmp_path / "run"
+    save_hf_checkpoint(hf_dir, jax.device_get(state["params"]), jax.device_get(state["model_state"]), cfg.model,
+                       dtype="fp8")
+    tokenizer_lib.ByteTokenizer().save(hf_dir / "tokenizer")
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "k2jax.cli", "import", str(hf_dir), str(run), "--set", "mesh.expert=4",
+           "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    names = WeightReader(hf_dir).logical_names()
+    experts = [n for n in names if ".mlp.experts." in n]
+    assert len(experts) == cfg.model.moe.num_experts * 3 * (cfg.model.num_layers - cfg.model.num_dense_layers)
+    reads = json.loads((run / "import.json").read_text())["read_by_process"]
+    assert [r["tensors"] for r in reads] == [len(names) - len(experts) // 2] * 2
+    _, params, _ = load_hf_checkpoint(hf_dir)
+    restored = nnx.to_pure_dict(nnx.state(load_run(run).model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), params)

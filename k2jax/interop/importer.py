@@ -255,13 +255,13 @@ def _write_run(partial: Path, run_dir: Path, cfg: Config, hf_dir: Path, tok, log
         ckpt.wait()
     finally:
         ckpt.close()
-    distributed.wait_for_all("k2jax_import_saved")
+    reads = distributed.allgather_json({"tensors": stats.tensors, "stored_bytes": stats.stored_bytes})
     if distributed.is_primary():
         tok.save(partial / "tokenizer")
         (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (partial / "import.json").write_text(json.dumps({
             "source": str(hf_dir.resolve()), "tensors": stats.tensors, "stored_bytes": stats.stored_bytes,
             "formats": dict(stats.formats), "skipped_mtp_tensors": len(stats.skipped), "seconds": stats.seconds,
-            "mesh": dict(setup.mesh.shape)}, indent=2))
+            "mesh": dict(setup.mesh.shape), "read_by_process": reads}, indent=2))
         partial.rename(run_dir)
     return stats
