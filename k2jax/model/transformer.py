@@ -136,7 +136,8 @@ class Transformer(nnx.Module):
           max_logits[key]: (L, H) or (H,) float32, keyed like the params' stats_key;
           expert_counts[key]: (L, E) or (E,) tokens routed per expert (MoE stacks);
           balance_hist[key]: (L, E, QB_BINS) or (E, QB_BINS), with router_balance=quantile;
-          aux_loss, z_loss: scalars summed over layers; dropped_fraction: mean over MoE layers.
+          aux_loss, z_loss: scalars summed over layers; dropped_fraction: mean over MoE layers;
+          dropped_per_layer[key]: (L,) or () per MoE stack, each layer's dropped share of token copies.
         """
         with _traced_for(mesh):
             return self._forward(tokens, positions, segment_ids)
@@ -251,4 +252,5 @@ def _collect_stats(per_layer: dict) -> dict:
         "z_loss": sum((jnp.sum(v["z_loss"]) for v in moe.values()), zero),
         "dropped_fraction": (jnp.mean(jnp.stack([jnp.mean(v["dropped_fraction"]) for v in moe.values()]))
                              if moe else zero),
+        "dropped_per_layer": {k: v["dropped_fraction"] for k, v in moe.items()},
     }

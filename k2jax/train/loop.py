@@ -62,6 +62,8 @@ class Preempted(RuntimeError):
 # What a resumed run may change: how it executes, how long it runs, what it logs, evaluates and keeps, and the
 # optimizer's settings (not its kind, whose state would not match). Everything else must match the
 # checkpoint: the model's math and its data.
+DROP_WARNING = 0.05  # a layer dropping more of its token copies than this is said once
+
 _RESUMABLE_TRAIN = {"steps", "grad_accum", "eval_every", "eval_batches", "log_every", "progress", "out_dir"}
 
 
@@ -181,6 +183,11 @@ def _layer_max_logits(max_logits: dict) -> list[float]:
 def _layer_order(key: str):
     name, _, idx = key.partition(".")
     return (0 if name.startswith("dense") else 1, int(idx or 0))
+
+
+def _per_moe_layer(values: dict) -> list[float]:
+    """A per-MoE-stack statistic ((L,) or scalar each) as one list in model order."""
+    return [float(v) for k in sorted(values, key=_layer_order) for v in np.reshape(values[k], -1)]
 
 
 def _expert_load(counts: dict) -> dict:
@@ -342,6 +349,7 @@ class _Steps:
         self.peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
         self.writer = MetricsWriter(out) if self.primary else None
         self.loads = LoadMonitor(cfg.train.steps)
+        self.dropping: set[int] = set()  # MoE layers already warned about dropped token copies
         self.preempted = PreemptionFlag()
         self.start = int(state["step"])
         self.best_eval = math.inf
@@ -437,8 +445,16 @@ class _Steps:
                 raise _write_failed(e, info.step, self.writer.path.parent, self.ckpt) from e
 
     def _watch_loads(self, info: _StepInfo) -> None:
-        """Warn when an MoE layer keeps sending one expert far more than the mean load."""
-        for warning in self.loads.update(info.step, info.record.get("expert_load_max_per_layer", [])):
+        """Warn when an MoE layer keeps sending one expert far more than the mean load, and when a bounded
+        expert exchange first drops more than DROP_WARNING of a layer's token copies."""
+        warnings = self.loads.update(info.step, info.record.get("expert_load_max_per_layer", []))
+        for layer, dropped in enumerate(info.record.get("dropped_fraction_per_layer", [])):
+            if dropped > DROP_WARNING and layer not in self.dropping:
+                self.dropping.add(layer)
+                warnings.append(f"warning: MoE layer {layer} dropped {dropped:.1%} of its token copies at step "
+                                f"{info.step} (execution.expert_buffer_factor={self.cfg.execution.expert_buffer_factor:g}"
+                                f"): raise the factor, or set 0 for a dropless exchange")
+        for warning in warnings:
             if self.primary:
                 tqdm.write(warning, file=sys.stderr)  # beside the other warnings, clear of the progress bar
 
@@ -597,6 +613,7 @@ def _log_record(host: dict, tokens_per_s: float, flops_per_token: float, peak) -
         "tokens_per_s": tokens_per_s, "max_logit": max(per_layer),
         "max_logit_per_layer": per_layer, "max_logit_per_head": host["max_logits"],
         "dropped_fraction": host["dropped_fraction"],
+        "dropped_fraction_per_layer": _per_moe_layer(host["dropped_per_layer"]),
         **{k: host[k] for k in ("clipped_heads", "min_gamma") if k in host},
         **_expert_load(host["expert_counts"]),
     }

@@ -176,7 +176,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None = None) -> None:
     """Panels: train/eval loss; per-layer max attention logit (tau dashed); for MoE models, each MoE
-    layer's max/mean (solid) and min/mean (dashed) expert load; with an `eval` section, bits per byte
+    layer's max/mean (solid) and min/mean (dashed) expert load, and where a bounded expert exchange dropped
+    token copies, each MoE layer's dropped share; with an `eval` section, bits per byte
     per text set and each task's acc (solid) and acc_norm (dashed); with data.sources, the epochs trained on each
     source; all over steps."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
@@ -188,10 +189,13 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
     evals = sorted({k for r in records.values() for k in r if k.startswith("eval/")})
     bpb, tasks = [k for k in evals if k.startswith("eval/bpb/")], [k for k in evals if k.endswith("/acc")]
     epochs = sorted({k for r in records.values() for k in r if k.startswith("data/epochs/")})
-    extra = [bool(loads), bool(bpb), bool(tasks), bool(epochs)]
+    drops = [(s, records[s]["dropped_fraction_per_layer"]) for s in steps
+             if records[s].get("dropped_fraction_per_layer")]
+    dropping = any(max(v) > 0 for _, v in drops)  # a dropless run has nothing to show
+    extra = [bool(loads), dropping, bool(bpb), bool(tasks), bool(epochs)]
     fig = Figure(figsize=(5.5 * (2 + sum(extra)), 4))
     ax_loss, ax_logit, *more = fig.subplots(1, 2 + sum(extra))
-    ax_load, ax_bpb, ax_tasks, ax_epochs = (more.pop(0) if shown else None for shown in extra)
+    ax_load, ax_drop, ax_bpb, ax_tasks, ax_epochs = (more.pop(0) if shown else None for shown in extra)
     train = [(s, records[s]["loss"]) for s in steps if records[s].get("loss") is not None]
     evals = [(s, records[s]["eval_loss"]) for s in steps if records[s].get("eval_loss") is not None]
     if train:
@@ -212,6 +216,12 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
     ax_logit.legend(fontsize="small")
     if loads:
         _plot_loads(ax_load, loads)
+    if dropping:
+        values = np.asarray([v for _, v in drops], dtype=float) * 100
+        for layer in range(values.shape[1]):
+            ax_drop.plot([s for s, _ in drops], values[:, layer], label=f"MoE layer {layer}")
+        ax_drop.set(title="Token copies dropped by the expert exchange", xlabel="step", ylabel="% of copies")
+        ax_drop.legend(fontsize="small")
     if bpb:
         for key in bpb:
             ax_bpb.plot(*_series(records, steps, key), "o-", label=key.removeprefix("eval/bpb/"))

@@ -230,6 +230,7 @@ def make_train_step(cfg: Config, setup: TrainSetup):
             "max_logits": stats["max_logits"],
             "expert_counts": stats["expert_counts"],
             "dropped_fraction": stats["dropped_fraction"],
+            "dropped_per_layer": stats["dropped_per_layer"],
             **qk_clip_metrics(opt_state),
         }
         return new_state, metrics
@@ -248,6 +249,7 @@ def _merge_stats(a: dict, b: dict) -> dict:
         "aux_loss": a["aux_loss"] + b["aux_loss"],
         "z_loss": a["z_loss"] + b["z_loss"],
         "dropped_fraction": jnp.maximum(a["dropped_fraction"], b["dropped_fraction"]),
+        "dropped_per_layer": jax.tree.map(jnp.maximum, a["dropped_per_layer"], b["dropped_per_layer"]),
     }
 
 

@@ -162,3 +162,29 @@ def test_the_models_mesh_argument_decides_the_layout_not_the_values():
     other = make_mesh(MeshConfig(data=8))
     with jax.sharding.use_abstract_mesh(other.abstract_mesh), pytest.raises(ValueError, match="another ambient mesh"):
         jax.make_jaxpr(with_mesh)(state, tokens)
+
+
+def test_all_to_all_buffer_just_large_enough_equals_dropless_and_one_row_less_drops_the_last_copy():
+    """The policy's numpy model: each expert shard receives, in (source shard, expert) order, the copies
+    routed to its expert; a buffer of exactly the busiest shard's inflow drops nothing and gives the
+    dropless result bit for bit, and one row fewer drops exactly one copy (the busiest shard's last)."""
+    mesh = make_mesh(MeshConfig(data=1, expert=8))
+    specs = expert_parallel_specs(N, (E, D, F), mesh)
+    inflow = np.bincount(np.asarray(IDS).ravel(), minlength=E)  # one expert per shard: copies per shard
+    n_local = N // 8
+    dropless, _ = jax.jit(_on_mesh(dispatch_all_to_all, mesh, specs, buffer_factor=0.0))(X, IDS, WEIGHTS, *EXPERTS)
+    exact = inflow.max() / (n_local * K)
+    assert buffer_rows(n_local, K, 8, exact) == inflow.max()
+    y, dropped = jax.jit(_on_mesh(dispatch_all_to_all, mesh, specs, buffer_factor=exact))(X, IDS, WEIGHTS, *EXPERTS)
+    assert float(dropped) == 0.0
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(dropless))
+    short = (inflow.max() - 1) / (n_local * K)
+    assert buffer_rows(n_local, K, 8, short) == inflow.max() - 1
+    y, dropped = jax.jit(_on_mesh(dispatch_all_to_all, mesh, specs, buffer_factor=short))(X, IDS, WEIGHTS, *EXPERTS)
+    busiest = [e for e in range(E) if inflow[e] == inflow.max()]
+    assert float(dropped) * IDS.size == pytest.approx(len(busiest))
+    flat = np.asarray(IDS).ravel()
+    kept = flat.copy()
+    for e in busiest:  # the policy drops the last copy in token order of each overfull shard
+        kept[np.flatnonzero(flat == e)[-1]] = -1
+    _check(y, dispatch_ragged(X, jnp.asarray(kept.reshape(N, K)), WEIGHTS, *EXPERTS)[0], "one row short")

@@ -138,3 +138,24 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(runs, tiny_batch, tm
     _, after_dst = dst_step(restored, tiny_batch)
     np.testing.assert_allclose(float(after_dst["loss"]), float(after_src["loss"]), rtol=2e-4)
     assert FULL_REMAT not in capfd.readouterr().err
+
+
+def test_a_bounded_expert_exchange_logs_warns_and_plots_each_layers_dropped_copies(tmp_path, capsys):
+    import json
+
+    from k2jax.train.loop import train
+
+    out = tmp_path / "run"
+    cfg = load_config("experiments/tiny.yaml", [
+        "mesh.data=1", "mesh.expert=8", "execution.expert_parallel=all_to_all", "execution.expert_buffer_factor=0.25",
+        f"train.out_dir={out}", "train.steps=2", "train.log_every=1", "train.progress=false",
+        "checkpoint.async_save=false", "eval.tasks=[]", "eval.bits_per_byte=[]"])
+    train(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    moe_layers = cfg.model.num_layers - cfg.model.num_dense_layers
+    for r in records:
+        per_layer = r["dropped_fraction_per_layer"]
+        assert len(per_layer) == moe_layers and all(0.5 < v < 1 for v in per_layer), per_layer  # 1/4 of the inflow fits
+        assert np.mean(per_layer) == pytest.approx(r["dropped_fraction"])
+    assert "MoE layer 0 dropped" in capsys.readouterr().err
+    assert (out / "curves.png").is_file()
