@@ -65,6 +65,21 @@ ENTRY %main (p0: f32[1,10,4], p1: f32[3,4,3]) -> f32[1,10,3] {
     assert hlo_stats.analyze(text).flops == 2 * 28 * 4 * 3
 
 
+def test_hlo_stats_counts_a_ragged_all_to_all_by_what_it_sends_or_receives():
+    """A ragged all-to-all takes its output buffer as an operand too: the bytes are the larger of its
+    input (64 x 8 bf16) and its output (80 x 8 bf16), not their sum, nor the offsets and sizes."""
+    text = """
+ENTRY %main (p0: bf16[64,8], p1: s32[4]) -> bf16[80,8] {
+  %p0 = bf16[64,8]{1,0} parameter(0)
+  %p1 = s32[4]{0} parameter(1)
+  %zero = bf16[] constant(0)
+  %buffer = bf16[80,8]{1,0} broadcast(%zero), dimensions={}
+  ROOT %ragged = bf16[80,8]{1,0} ragged-all-to-all(%p0, %buffer, %p1, %p1, %p1, /*index=5*/%p1), replica_groups={{0,1,2,3}}
+}
+"""
+    assert hlo_stats.analyze(text).collective_bytes == {"ragged-all-to-all": 80 * 8 * 2}
+
+
 @pytest.fixture(scope="module")
 def tiny_plan():
     cfg = load_config("experiments/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4", "train.batch_size=8",

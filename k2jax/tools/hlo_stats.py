@@ -12,7 +12,8 @@ graph this module sums
   batched matmul as a dilated window that meets one tap, some projections as a padded one);
 - collective bytes per kind: the larger of what a device sends and what it receives
   (all-gather: the gathered result; reduce-scatter: the input; all-reduce, all-to-all,
-  collective-permute: the buffer), async `-start` ops counted once, `-done` not at all;
+  collective-permute: the buffer; ragged-all-to-all: its input or its output buffer, the larger, not
+  the output buffer it is also given as an operand), async `-start` ops counted once, `-done` not at all;
 - fused-kernel calls (`custom-call`s to Mosaic or Triton), whose FLOPs are invisible here.
 
 Shapes in post-partitioning HLO are per device, so every figure is per chip.
@@ -188,6 +189,8 @@ def _window_value(window: str, field: str, k: int, default: int) -> int:
 
 
 def _collective_bytes(ins: _Instruction, sizes: dict[str, int]) -> int:
+    if ins.opcode == "ragged-all-to-all":  # (input, output buffer, offsets and sizes): only the input is sent
+        return max(sizes.get(ins.operands[0], 0), _nbytes(ins.arrays))
     sent = sum(sizes.get(op, 0) for op in ins.operands)
     result = _nbytes(ins.arrays)
     received = result - sent if ins.opcode.endswith("-start") else result  # a start's result holds its input
