@@ -25,3 +25,10 @@ run kimi-k2_512_step kimi-k2 $K --parts step
 run kimi-k2_512_gspmd kimi-k2 $K --set optim.muon_sharding=gspmd --parts update
 K64="--topology v5p:8x8x8 --set mesh.data=1 --set mesh.fsdp=8 --set mesh.expert=64 --set train.batch_size=512 --set data.seq_len=4096"
 run kimi-k2_512_ep64 kimi-k2 $K64 --parts step,update
+# K2's expert-heavy layouts: 4M tokens per step, a ragged all-to-all exchange whose receive buffer holds 1.25x
+# the balanced inflow (a few minutes each)
+EP="--topology v5p:8x8x8 --set mesh.data=1 --set data.seq_len=4096 --set execution.expert_parallel=all_to_all --set execution.expert_buffer_factor=1.25"
+run kimi-k2_ep128 kimi-k2 $EP --set mesh.fsdp=4 --set mesh.expert=128 --set train.batch_size=1024 --parts step,update
+run kimi-k2_ep64 kimi-k2 $EP --set mesh.fsdp=8 --set mesh.expert=64 --set train.batch_size=1024 --parts step,update
+run kimi-k2_ep32 kimi-k2 $EP --set mesh.fsdp=16 --set mesh.expert=32 --set train.batch_size=1024 --parts step,update
+run kimi-k2_ep128_2m kimi-k2 $EP --set mesh.fsdp=4 --set mesh.expert=128 --set train.batch_size=512 --parts step
