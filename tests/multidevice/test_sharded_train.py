@@ -57,7 +57,8 @@ def test_muonclip_on_sharded_params_matches_one_device():
 
 CFG = ["model.compute_dtype=float32", "train.grad_accum=2", "train.batch_size=16"]
 MESHES = {"one device": dict(data=1), "data=2 fsdp=2 expert=2": dict(data=2, fsdp=2, expert=2),
-          "fsdp=2 expert=2 tensor=2": dict(data=1, fsdp=2, expert=2, tensor=2), "data=2 fsdp=4": dict(data=2, fsdp=4)}
+          "fsdp=2 expert=2 tensor=2": dict(data=1, fsdp=2, expert=2, tensor=2), "data=2 fsdp=4": dict(data=2, fsdp=4),
+          "fsdp=2 expert=4, 2x buffer": dict(data=1, fsdp=2, expert=4)}
 
 
 def _mesh(name):
@@ -68,21 +69,24 @@ def _mesh(name):
 @pytest.fixture(scope="module")
 def runs(tiny_batch, stderr_of):
     """Per mesh: (setup, state after two steps, step, losses), and what XLA wrote to stderr meanwhile.
-    The tensor-split mesh exchanges token copies by all-to-all, the expert-split ones by all-gather;
-    without an expert axis each shard runs its own tokens through all experts."""
+    The tensor-split mesh exchanges token copies by all-to-all, the expert-split ones by all-gather (one by
+    all-to-all into a receive buffer of 2x the balanced inflow, which this batch never fills); without an
+    expert axis each shard runs its own tokens through all experts."""
     cfg = load_config("experiments/tiny.yaml", CFG)
     a2a = replace(cfg, {"execution.expert_parallel": "all_to_all"})
+    bounded = replace(a2a, {"execution.expert_buffer_factor": 2.0})
 
     def train():
         out = {}
         for name in MESHES:
-            run_cfg = a2a if "tensor" in name else cfg
+            run_cfg = bounded if "buffer" in name else a2a if "tensor" in name else cfg
             setup, state = init_train_state(run_cfg, _mesh(name))
             step = make_train_step(run_cfg, setup)
             losses = []
             for _ in range(2):
                 state, metrics = step(state, tiny_batch)
                 losses.append(float(metrics["loss"]))
+                assert float(metrics["dropped_fraction"]) == 0.0, name
             out[name] = (setup, state, step, losses)
         return out
 
