@@ -23,7 +23,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ def hf_config(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def run_config(hf_dir: str | Path, path: str | Path | None = None, overrides: list[str] | ()=()) -> Config:
+def run_config(hf_dir: str | Path, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """A run's config whose model is HF_DIR's config.json; the YAML `path` and `--set` overrides set the rest
     (and only the model's RUN_MODEL_FIELDS)."""
     for where, raw in (("--set", parse_overrides(list(overrides))), (str(path), read_yaml(Path(path)) if path else {})):
@@ -207,7 +207,7 @@ def initial_state(cfg: Config, hf_dir: str | Path, log: Callable[[str], None] = 
     return setup, state, stats
 
 
-def import_run(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] | ()=(),
+def import_run(hf_dir: str | Path, run_dir: str | Path, overrides: Sequence[str] = (),
                log: Callable[[str], None] = print) -> ImportStats:
     """Write RUN_DIR (config.yaml, tokenizer/, checkpoints/0, import.json) from HF_DIR; `train --resume`,
     `sample`, `serve` and `eval` read it. Written to a sibling temporary directory, renamed when complete."""

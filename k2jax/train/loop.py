@@ -122,7 +122,7 @@ def _data(cfg: Config, out: Path, resume: bool, init_from: str | None):
         heldout_docs = None
     else:
         train_docs, heldout_docs = corpus_lib.load_corpus(cfg.data)
-        tok = given or tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic: the same in every process
+        tok = given if given is not None else tokenizer_lib.build_tokenizer(cfg.data, train_docs)  # deterministic
         train_chunks = pipeline.chunk_documents(tok, pipeline.shard_documents(train_docs, shard, shards), seq_len)
         heldout_chunks = pipeline.chunk_documents(tok, heldout_docs, seq_len)
     if given is not None and not tokenizer_lib.same(given, tok):
