@@ -1,6 +1,7 @@
 """`k2jax plan`: TPU compiles without a TPU (libtpu), and the per-device figures read off them."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +108,9 @@ def test_plan_reports_the_compiled_step(tiny_plan):
     assert step["kernel_calls"] > 0  # TPU flash attention and ragged dots are Mosaic kernels
     assert set(step["collective_bytes"]) >= {"all-gather", "reduce-scatter"}  # FSDP: weights in, grads out
     assert report["devices"] == 4 and report["mesh"]["fsdp"] == 4
+    params = jax.tree.leaves(state["params"])  # what one device holds of them: the fsdp shard of each
+    assert report["param_bytes_per_device"] == sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in params)
     bounds = report["bounds"]
     assert bounds["step_seconds"] >= bounds["compute_seconds"] > 0 and 0 < bounds["mfu_at_bound"] <= 1
 
@@ -132,6 +136,8 @@ def test_plan_command_prints_its_report_first_and_writes_json(tmp_path):
     report = json.loads(out.read_text())
     update, one_copy = report["parts"]["update"], report["newton_schulz_flops_one_copy"]
     assert one_copy / 4 <= report["newton_schulz_flops_busiest_device"] <= update["flops"] <= one_copy
+    ratio = sum(update["collective_bytes"].values()) / report["param_bytes_per_device"]
+    assert "update collectives per device / its parameter bytes" in proc.stdout and f"{ratio:.1f}x" in proc.stdout
 
 
 # what libtpu 0.0.42.1 wrote to stderr at its start on a machine without a TPU (the E0000 line shortened)

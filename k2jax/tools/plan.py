@@ -176,6 +176,7 @@ def plan(cfg: Config, topology: str, parts=TRAIN_PARTS, hlo_dir: str | None = No
         "peak_flops_per_device": tpu.chip.peak_bf16 / tpu.devices_per_chip,
         "ici_bytes_per_s_per_device": tpu.chip.ici_bandwidth / tpu.devices_per_chip,
         "state_bytes_per_device": held, "state_bytes_if_even": even,
+        "param_bytes_per_device": state_bytes_per_device({"params": state["params"]})[0],
         "model_flops_per_device": flops_per_token(cfg.model, cfg.data.seq_len)["total"] * tokens / devices,
         "newton_schulz_flops_one_copy": newton_schulz_flops(setup.infos, state["params"], cfg.optim.ns_steps,
                                                             use_muon=cfg.optim.name != "adamw"),
@@ -308,6 +309,10 @@ def format_report(report: dict) -> str:
     if update and update["flops"] and one_copy:
         lines.append(f"  update matmul FLOPs per device / one copy of Newton-Schulz: {update['flops'] / one_copy:.1%} "
                      f"(ideal {1 / report['devices']:.1%})" + (" (counts padding slots that devices skip)" if busiest else ""))
+    if update and update["collective_bytes"]:
+        moved = sum(update["collective_bytes"].values())
+        lines.append(f"  update collectives per device / its parameter bytes ({_bytes(report['param_bytes_per_device'])}):"
+                     f" {moved / report['param_bytes_per_device']:.1f}x")
     if busiest:
         lines.append(f"  owner-sharded Muon: the busiest device runs {busiest:.3g} Newton-Schulz FLOPs = "
                      f"{busiest / one_copy:.1%} of one copy, {busiest * report['devices'] / one_copy:.2f}x its even share")
