@@ -317,8 +317,8 @@ class Job:
                             seconds = time.monotonic() - started
                             bar.set_postfix_str(f"{launch['completion_tokens'] / seconds:,.0f} tok/s, "
                                                 f"{counts['dropped']} dropped")
-                    if len(pending) >= self.shard_records:
-                        commit()
+                        if len(pending) >= self.shard_records:  # parts of shard_records, however many finish at once
+                            commit()
             except BaseException:
                 self._stop.set()
                 self.client.cancel.set()  # requests waiting to retry give up at once
