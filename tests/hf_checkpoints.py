@@ -170,30 +170,12 @@ def to_transformers_names(ckpt_sd: dict) -> dict:
     return out
 
 
-def _shapes_to_checkpoint_names(model_shapes: dict) -> dict:
-    out = {}
-    for name, shape in model_shapes.items():
-        m = _FUSED.match(name)
-        if m is None:
-            out[name] = shape
-            continue
-        prefix, kind = m.groups()
-        n, rows, cols = shape
-        for j in range(n):
-            if kind == "down_proj":
-                out[f"{prefix}.{j}.down_proj.weight"] = (rows, cols)
-            else:
-                out[f"{prefix}.{j}.gate_proj.weight"] = (rows // 2, cols)
-                out[f"{prefix}.{j}.up_proj.weight"] = (rows // 2, cols)
-    return dict(sorted(out.items(), key=lambda kv: _name_key(kv[0])))
-
-
 def checkpoint_shapes(config: DeepseekV3Config) -> dict[str, tuple[int, ...]]:
     """Every parameter (and persistent buffer) of DeepseekV3ForCausalLM(config), in checkpoint names, built on the
     meta device: no memory, a second or two even for the full models."""
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
-    return _shapes_to_checkpoint_names({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    return {k: tuple(v.shape) for k, v in to_checkpoint_names(model.state_dict()).items()}  # meta slices: no memory
 
 
 def meta_parameters(preset: str) -> dict[str, tuple[int, ...]]:

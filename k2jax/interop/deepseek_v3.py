@@ -107,17 +107,33 @@ def has_fused_experts(names) -> bool:
     return any(name.endswith("experts.gate_up_proj") for name in names)
 
 
+def mtp_layers(hf: Mapping) -> int:
+    """The multi-token-prediction layers a config.json declares (num_nextn_predict_layers)."""
+    return int(hf.get("num_nextn_predict_layers") or 0)
+
+
+def check_checkpoint(cfg: ModelConfig, shapes: Mapping[str, tuple], mtp: int = 0) -> tuple[bool, list[str]]:
+    """(fused experts?, skipped MTP tensors) of a checkpoint (name -> shape) whose every tensor has its place;
+    InteropError naming the first that has not (`check_tensors`)."""
+    fused = has_fused_experts(shapes)
+    return fused, check_tensors(cfg, shapes, fused_experts=fused, mtp_layers=mtp)
+
+
 def _materialize(tree: dict, read) -> dict:
     return {k: _materialize(v, read) if isinstance(v, dict) else v.block(read, ()) for k, v in tree.items()}
 
 
+def _convert(cfg: ModelConfig, shapes: Mapping[str, tuple], read, mtp: int = 0) -> tuple[dict, dict]:
+    """(params, router_biases) as numpy trees, once the checkpoint (name -> shape; `read`: name -> float32) checks."""
+    fused, _ = check_checkpoint(cfg, shapes, mtp)
+    params, biases = hf_layout.sources(cfg, fused_experts=fused)
+    return _materialize(params, read), _materialize(biases, read)
+
+
 def from_hf_state_dict(state_dict: Mapping, cfg: ModelConfig):
     """(params, router_biases) as the pure dicts of nnx.state(model, nnx.Param) and of RouterBias."""
-    fused = has_fused_experts(state_dict)
-    check_tensors(cfg, {k: np.shape(v) for k, v in state_dict.items()}, fused_experts=fused)
-    params, biases = hf_layout.sources(cfg, fused_experts=fused)
-    read = lambda name: np.asarray(state_dict[name], np.float32)  # noqa: E731
-    return _materialize(params, read), _materialize(biases, read)
+    return _convert(cfg, {k: np.shape(v) for k, v in state_dict.items()},
+                    lambda name: np.asarray(state_dict[name], np.float32))
 
 
 def _layer(tree: dict, i: int, scan: bool):
@@ -187,13 +203,7 @@ def load_hf_checkpoint(directory: str | Path, cfg: ModelConfig | None = None):
     hf = json.loads((directory / "config.json").read_text())
     cfg = config_from_hf(hf) if cfg is None else cfg
     reader = WeightReader(directory)
-    names = reader.logical_names()
-    fused = has_fused_experts(names)
-    check_tensors(cfg, {n: reader.shape(n) for n in names}, fused_experts=fused,
-                  mtp_layers=int(hf.get("num_nextn_predict_layers") or 0))
-    params, biases = hf_layout.sources(cfg, fused_experts=fused)
-    read = lambda name: reader.read(name, np.float32)  # noqa: E731
-    return cfg, _materialize(params, read), _materialize(biases, read)
+    return cfg, *_convert(cfg, reader.shapes(), lambda name: reader.read(name, np.float32), mtp_layers(hf))
 
 
 EXPORT_DTYPES = ("float32", "bfloat16", "fp8")

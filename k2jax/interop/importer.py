@@ -32,7 +32,7 @@ import numpy as np
 from k2jax.config import Config, ConfigError, load_config
 from k2jax.config.load import parse_overrides, read_yaml, to_dict
 from k2jax.interop import hf_layout
-from k2jax.interop.deepseek_v3 import InteropError, check_tensors, config_from_hf, has_fused_experts
+from k2jax.interop.deepseek_v3 import InteropError, check_checkpoint, config_from_hf, mtp_layers
 from k2jax.interop.quant import WeightReader
 
 # model settings a run may choose for itself; everything else about the model comes from config.json
@@ -89,22 +89,12 @@ class _CountingReader:
         return self.reader.read(name, np.float32)
 
 
-def check_checkpoint(reader: WeightReader, cfg: Config, hf: dict) -> tuple[bool, list[str]]:
-    """(fused experts?, skipped MTP tensors) once every tensor is where the model needs it; InteropError
-    naming the first that is not, before anything is read."""
-    names = reader.logical_names()
-    fused = has_fused_experts(names)
-    skipped = check_tensors(cfg.model, {n: reader.shape(n) for n in names}, fused_experts=fused,
-                            mtp_layers=int(hf.get("num_nextn_predict_layers") or 0))
-    return fused, skipped
-
-
 def import_weights(reader: WeightReader, cfg: Config, abstract: dict, hf: dict,
                    log: Callable[[str], None] = print) -> tuple[dict, dict, ImportStats]:
     """(params, model_state, stats): the checkpoint's weights as jax Arrays in the shardings of `abstract`
     (the run's abstract state: ShapeDtypeStructs with shardings)."""
     started = time.perf_counter()
-    fused, skipped = check_checkpoint(reader, cfg, hf)
+    fused, skipped = check_checkpoint(cfg.model, reader.shapes(), mtp_layers(hf))
     if skipped:
         layers = sorted({int(n.split(".")[2]) for n in skipped})
         log(f"k2jax import: skipping the multi-token-prediction layer{'s' * (len(layers) > 1)} "
@@ -189,13 +179,16 @@ def _write(buffer, part, start, axis: int):
     return jax.lax.dynamic_update_slice_in_dim(buffer, part, start, axis)
 
 
-def initial_state(cfg: Config, hf_dir: str | Path, log: Callable[[str], None] = print):
+def initial_state(cfg: Config, hf_dir: str | Path, log: Callable[[str], None] = print,
+                  reader: WeightReader | None = None):
     """(setup, state, stats): a new run's train state (step 0, a fresh optimizer state) holding HF_DIR's
-    weights, built in its sharded layout without a random initialisation first."""
+    weights, built in its sharded layout without a random initialisation first (`reader`: HF_DIR's, if
+    already open)."""
     from k2jax.train.step import abstract_train_state
 
     setup, abstract = abstract_train_state(cfg)
-    params, model_state, stats = import_weights(WeightReader(hf_dir), cfg, abstract, hf_config(hf_dir), log)
+    reader = WeightReader(hf_dir) if reader is None else reader
+    params, model_state, stats = import_weights(reader, cfg, abstract, hf_config(hf_dir), log)
     sh = setup.shardings
     state = {
         "step": jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=sh["step"])(),
@@ -225,14 +218,15 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, overrides: Sequence[str]
     if tok.vocab_size > cfg.model.vocab_size:
         raise InteropError(f"{hf_dir}: the tokenizer has {tok.vocab_size} ids, the model's vocab_size is "
                            f"{cfg.model.vocab_size}")
-    check_checkpoint(WeightReader(hf_dir), cfg, hf_config(hf_dir))  # refuse before writing anything
+    reader = WeightReader(hf_dir)
+    check_checkpoint(cfg.model, reader.shapes(), mtp_layers(hf_config(hf_dir)))  # refuse before writing anything
     partial = run_dir.with_name(f".{run_dir.name}.importing")
     if distributed.is_primary():
         shutil.rmtree(partial, ignore_errors=True)  # a killed import's leftovers
         partial.mkdir(parents=True)
     distributed.wait_for_all("k2jax_import_start")
     try:
-        stats = _write_run(partial, run_dir, cfg, hf_dir, tok, log)
+        stats = _write_run(partial, run_dir, cfg, hf_dir, reader, tok, log)
     except BaseException:  # an error or Ctrl-C: no half-written run (a killed import's leftovers go next time)
         if distributed.is_primary():
             shutil.rmtree(partial, ignore_errors=True)
@@ -241,14 +235,15 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, overrides: Sequence[str]
     return stats
 
 
-def _write_run(partial: Path, run_dir: Path, cfg: Config, hf_dir: Path, tok, log) -> ImportStats:
+def _write_run(partial: Path, run_dir: Path, cfg: Config, hf_dir: Path, reader: WeightReader, tok,
+               log) -> ImportStats:
     """The imported run, written into `partial` and renamed to `run_dir` once complete."""
     import yaml
 
     from k2jax.parallel import distributed
     from k2jax.train.checkpoint import Checkpointer
 
-    setup, state, stats = initial_state(cfg, hf_dir, log)
+    setup, state, stats = initial_state(cfg, hf_dir, log, reader)
     ckpt = Checkpointer(partial / "checkpoints", async_save=False)
     try:
         ckpt.save(0, state, {"imported_from": str(hf_dir.resolve())}, to_dict(cfg))

@@ -213,6 +213,10 @@ class WeightReader:
             self._shapes[name] = tuple(int(d) for d in self.files.read(stored[2]).reshape(-1))
         return self._shapes[name]
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every logical name with its shape (no weight read)."""
+        return {name: self.shape(name) for name in self._names}
+
     def read(self, name: str, dtype=np.float32) -> np.ndarray:
         """The tensor as the float checkpoint holds it, dequantized and cast to `dtype`."""
         fmt, stored, args = self._get(name)

@@ -204,12 +204,8 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
         ax_loss.plot(*zip(*evals), "o-", label="held-out")
     ax_loss.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax_loss.legend()
-    per_layer = [(s, records[s]["max_logit_per_layer"]) for s in steps if records[s].get("max_logit_per_layer")]
-    if per_layer:
-        xs = [s for s, _ in per_layer]
-        values = np.asarray([v for _, v in per_layer], dtype=float)
-        for layer in range(values.shape[1]):
-            ax_logit.plot(xs, values[:, layer], label=f"layer {layer}")
+    _plot_per_layer(ax_logit, [(s, records[s]["max_logit_per_layer"]) for s in steps
+                               if records[s].get("max_logit_per_layer")], "layer")
     if tau is not None:
         ax_logit.axhline(tau, linestyle="--", color="k", label=f"tau = {tau:g}")
     ax_logit.set(title="Max attention logit per layer", xlabel="step", ylabel="max pre-softmax logit")
@@ -217,9 +213,7 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
     if loads:
         _plot_loads(ax_load, loads)
     if dropping:
-        values = np.asarray([v for _, v in drops], dtype=float) * 100
-        for layer in range(values.shape[1]):
-            ax_drop.plot([s for s, _ in drops], values[:, layer], label=f"MoE layer {layer}")
+        _plot_per_layer(ax_drop, [(s, [100 * v for v in values]) for s, values in drops], "MoE layer")
         ax_drop.set(title="Token copies dropped by the expert exchange", xlabel="step", ylabel="% of copies")
         ax_drop.legend(fontsize="small")
     if bpb:
@@ -240,6 +234,15 @@ def plot_run(metrics_jsonl: str | Path, png_path: str | Path, tau: float | None 
         ax_epochs.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
+
+
+def _plot_per_layer(ax, points: list[tuple[int, list[float]]], label: str) -> None:
+    """One line per layer of (step, per-layer values) points."""
+    if not points:
+        return
+    values = np.asarray([v for _, v in points], dtype=float)  # (steps, layers)
+    for layer in range(values.shape[1]):
+        ax.plot([s for s, _ in points], values[:, layer], label=f"{label} {layer}")
 
 
 def _series(records: dict, steps: list[int], key: str) -> tuple[list[int], list[float]]:
