@@ -101,8 +101,8 @@ PUBLISHED_BATCH = {"kimi-k2": (16384, 4096), "deepseek-v3": (15360, 4096)}
 def cmd_info(args) -> int:
     from flax import nnx
 
-    from k2jax.model.count import abstract_model, count_params
-    from k2jax.model.flops import flops_per_token
+    from k2jax.model.count import abstract_model, count_model_params
+    from k2jax.model.flops import newton_schulz_fraction
     from k2jax.optim import describe
     from k2jax.optim.muon import newton_schulz_flops
     from k2jax.parallel.sharding import abstract_mesh, param_shardings
@@ -112,7 +112,7 @@ def cmd_info(args) -> int:
     batch = [f"train.batch_size={published[0]}", f"data.seq_len={published[1]}"] if published else []
     cfg = _load(args.config, [*batch, *args.set])  # the user's --set comes last: it wins
     mesh = abstract_mesh(cfg.mesh, args.devices)
-    counts = count_params(cfg.model)
+    counts = count_model_params(cfg.model)
     m = cfg.model
     att, moe = m.attention, m.moe
     print(f"attention {att.kind}: {att.num_heads} heads, d_model {m.d_model}, {m.num_layers} layers "
@@ -124,13 +124,13 @@ def cmd_info(args) -> int:
     state = nnx.state(abstract_model(cfg.model), nnx.Param)
     infos = param_info(state)
     rows, seq_len = cfg.train.batch_size, cfg.data.seq_len
-    step_flops = flops_per_token(cfg.model, seq_len)["total"] * rows * seq_len
     ns = newton_schulz_flops(infos, nnx.to_pure_dict(state), cfg.optim.ns_steps)
+    share = newton_schulz_fraction(ns, cfg)
     set_keys = {o.partition("=")[0].strip() for o in args.set}
     source = ("as --set" if set_keys & {"train.batch_size", "data.seq_len"} else
               f"{args.config}'s published training batch" if published else
               "k2jax's default" if _preset_name(args.config) else f"from {args.config or 'the defaults'}")
-    print(f"Newton-Schulz FLOPs per Muon step: {ns:.3e} = {ns / step_flops:.2%} of the model FLOPs of a step of "
+    print(f"Newton-Schulz FLOPs per Muon step: {ns:.3e} = {share:.2%} of the model FLOPs of a step of "
           f"{rows:,} x {seq_len:,} = {rows * seq_len:,} tokens (train.batch_size x data.seq_len, {source}"
           + ("; change with --set)" if source != "as --set" else ")"))
     shardings = None

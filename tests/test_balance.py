@@ -94,13 +94,13 @@ def test_sequence_balance_loss_matches_formula_and_balances_by_gradient():
         f = np.bincount(ii.reshape(-1), minlength=E) * E / (K * keep.sum())
         p = (si / si.sum(1, keepdims=True)).mean(0)
         per_seq.append(np.sum(f * p))
-    assert float(stats["aux_loss"]) == pytest.approx(np.mean(per_seq), rel=1e-5)
+    assert float(stats.aux_loss) == pytest.approx(np.mean(per_seq), rel=1e-5)
 
-    aux_grad = nnx.jit(nnx.grad(lambda m: m(x, valid)[1]["aux_loss"]))
-    before = _max_over_mean(np.asarray(stats["expert_counts"]))
+    aux_grad = nnx.jit(nnx.grad(lambda m: m(x, valid)[1].aux_loss))
+    before = _max_over_mean(np.asarray(stats.expert_counts))
     for _ in range(200):
         moe.router[...] = moe.router[...] - 5.0 * aux_grad(moe)["router"][...]
-    after = _max_over_mean(np.asarray(moe(x, valid)[1]["expert_counts"]))
+    after = _max_over_mean(np.asarray(moe(x, valid)[1].expert_counts))
     assert before > 3 and after < 2, (before, after)
 
 

@@ -99,7 +99,7 @@ def test_flops_accounting():
     g = flops.flops_per_token(cfg, 256)
     assert g["matmul"] == f["matmul"] and g["attention"] == pytest.approx(2 * f["attention"])
     dense = dataclasses.replace(cfg, num_dense_layers=cfg.num_layers)  # no experts: the 6N rule
-    counts = flops.param_counts(dense)
+    counts = flops.analytic_param_counts(dense)
     assert counts["total"] == counts["activated"]
     assert flops.flops_per_token(dense, 1)["matmul"] == 6 * (counts["total"] - cfg.vocab_size * cfg.d_model)
     assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12

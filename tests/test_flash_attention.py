@@ -105,7 +105,7 @@ def test_model_trains_the_same_with_either_attention():
             return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]), stats
 
         (value, stats), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-        return value, stats["max_logits"], nnx.to_pure_dict(grads)
+        return value, stats.max_logits, nnx.to_pure_dict(grads)
 
     plain, flash = loss_and_grads("plain"), loss_and_grads("flash")
     np.testing.assert_allclose(float(flash[0]), float(plain[0]), rtol=1e-6)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from k2jax.config import PRESETS, ExecutionConfig, replace
 from k2jax.model import flops
-from k2jax.model.count import count_params
+from k2jax.model.count import count_model_params
 from k2jax.model.transformer import Transformer
 from k2jax.params import is_info, param_info
 from packing import packed_layout
@@ -53,9 +53,9 @@ def test_shapes_dtypes_and_stats_contract(model_and_fwd):
     # every q/k projection's stats_key is present with shape (*layers, H)
     infos = jax.tree.leaves(param_info(nnx.state(model, nnx.Param)), is_leaf=is_info)
     keys = {i.stats_key for i in infos if i.qk is not None}
-    assert keys == set(stats["max_logits"]) == {"dense_layers", "moe_layers"}
-    chex.assert_shape(stats["max_logits"]["moe_layers"], (cfg.num_moe_layers, cfg.attention.num_heads))
-    counts = stats["expert_counts"]["moe_layers"]
+    assert keys == set(stats.max_logits) == {"dense_layers", "moe_layers"}
+    chex.assert_shape(stats.max_logits["moe_layers"], (cfg.num_moe_layers, cfg.attention.num_heads))
+    counts = stats.expert_counts["moe_layers"]
     chex.assert_shape(counts, (cfg.num_moe_layers, cfg.moe.num_experts))
     # padding (segment 0) is not routed: every valid token picks K experts in every MoE layer
     np.testing.assert_allclose(np.asarray(counts).sum(-1), int((seg > 0).sum()) * cfg.moe.experts_per_token)
@@ -103,8 +103,8 @@ def test_scanned_and_unrolled_layers_agree():
     a, sa = scanned(_tokens(), pos, seg)
     b, sb = unrolled(_tokens(), pos, seg)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(sa["max_logits"]["moe_layers"][0]),
-                               np.asarray(sb["max_logits"]["moe_layers.0"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sa.max_logits["moe_layers"][0]),
+                               np.asarray(sb.max_logits["moe_layers.0"]), rtol=1e-5)
 
 
 def test_tied_embeddings_share_the_table():
@@ -114,7 +114,7 @@ def test_tied_embeddings_share_the_table():
     pos, seg = _pos_seg([[T], [T]])
     logits, _ = model(_tokens(), pos, seg)
     assert logits.shape == (B, T, cfg.vocab_size)
-    assert count_params(cfg)["total"] == flops.param_counts(cfg)["total"]
+    assert count_model_params(cfg)["total"] == flops.analytic_param_counts(cfg)["total"]
 
 
 def test_remat_keeps_gradients():
@@ -135,7 +135,7 @@ def test_published_parameter_counts(name, total, activated):
     """Published totals are rounded and their conventions differ: the sum of K2's weight shapes
     is 1.026T (-1.3% from the report's 1.04T), V3's activated count including the embedding
     table and the output head is 37.55B (+1.5% from 37B). Both sit within 1.5%."""
-    counts = count_params(PRESETS[name])  # from the abstract model, nothing allocated
+    counts = count_model_params(PRESETS[name])  # from the abstract model, nothing allocated
     assert abs(counts["total"] / total - 1) < 0.015, counts
     assert abs(counts["activated"] / activated - 1) < 0.015, counts
 
@@ -143,7 +143,7 @@ def test_published_parameter_counts(name, total, activated):
 @pytest.mark.parametrize("name", ["tiny", "small", "medium", "base", "base-dense", "large", "kimi-k2"])
 def test_model_counts_match_analytic_formulas(name):
     cfg = PRESETS[name]
-    from_model = count_params(cfg)
-    analytic = flops.param_counts(cfg)
+    from_model = count_model_params(cfg)
+    analytic = flops.analytic_param_counts(cfg)
     assert from_model["total"] == analytic["total"]
     assert from_model["activated"] == analytic["activated"]

@@ -93,9 +93,9 @@ def test_dispatch_matches_naive_loop(dispatch, grouped_matmul, groups):
     v = np.asarray(valid).reshape(-1)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.d_model)[v], ref[v], rtol=2e-4, atol=2e-5)
     counts = np.bincount(ids[v].reshape(-1), minlength=cfg.moe.num_experts)
-    np.testing.assert_array_equal(np.asarray(stats["expert_counts"]), counts)  # padding excluded
-    assert float(stats["expert_counts"].sum()) == v.sum() * cfg.moe.experts_per_token
-    assert float(stats["dropped_fraction"]) == 0.0
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts), counts)  # padding excluded
+    assert float(stats.expert_counts.sum()) == v.sum() * cfg.moe.experts_per_token
+    assert float(stats.dropped_fraction) == 0.0
 
 
 @pytest.mark.parametrize("group_sizes", [[50, 0, 100, 70, 1, 79], [0] * 6, [300, 0, 0, 0, 0, 0], [10, 20, 0, 5, 99, 3]])
@@ -230,7 +230,7 @@ def test_small_capacity_drops_and_reports_it():
     moe = MoE(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), (B, T, cfg.d_model))
     _, stats = moe(x, jnp.ones((B, T), bool))
-    assert 0.5 < float(stats["dropped_fraction"]) < 1.0  # capacity holds 1/4 of the assignments
+    assert 0.5 < float(stats.dropped_fraction) < 1.0  # capacity holds 1/4 of the assignments
 
 
 @pytest.mark.parametrize("grouped_matmul", ["ragged_dot", "tiled", "megablox"])
@@ -270,8 +270,8 @@ def test_router_losses_match_formulas():
     f = np.bincount(ids.reshape(-1), minlength=cfg.moe.num_experts) / (v.sum() * cfg.moe.experts_per_token)
     aux = cfg.moe.num_experts * np.sum(f * probs.mean(0))
     z = np.mean(np.log(np.exp(logits).sum(1)) ** 2)
-    assert float(stats["aux_loss"]) == pytest.approx(0.01 * aux, rel=1e-4)
-    assert float(stats["z_loss"]) == pytest.approx(0.001 * z, rel=1e-4)
+    assert float(stats.aux_loss) == pytest.approx(0.01 * aux, rel=1e-4)
+    assert float(stats.z_loss) == pytest.approx(0.001 * z, rel=1e-4)
 
 
 def test_bias_update_direction_and_not_a_param():

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # imported lazily behind a message that says how to install it (k2jax prepare hf:NAME)
 OPTIONAL = {"datasets"}
-TEST_ONLY = {"torch", "transformers", "pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "openai"}
+TEST_ONLY = {"torch", "transformers", "pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "openai", "chex"}
 
 
 def _name(requirement: str) -> str:

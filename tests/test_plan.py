@@ -17,6 +17,9 @@ from k2jax.config import ConfigError, load_config
 from k2jax.parallel.topology import tpu_slice
 from k2jax.platform import lowering_for
 from k2jax.tools import hlo_stats
+from k2jax.optim.owner import plan_owners
+from k2jax.optim.owner_pool import LANE, pool_tables
+from k2jax.parallel.sharding import make_mesh
 from k2jax.tools.plan import plan
 from k2jax.train.step import abstract_batch, abstract_train_state, make_train_step
 
@@ -138,6 +141,32 @@ def test_plan_command_prints_its_report_first_and_writes_json(tmp_path):
     assert one_copy / 4 <= report["newton_schulz_flops_busiest_device"] <= update["flops"] <= one_copy
     ratio = sum(update["collective_bytes"].values()) / report["param_bytes_per_device"]
     assert "update collectives per device / its parameter bytes" in proc.stdout and f"{ratio:.1f}x" in proc.stdout
+
+
+@pytest.mark.parametrize("sets", [["mesh.data=1", "mesh.fsdp=8"], ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]],
+                         ids=str)
+def test_owner_muon_pools_short_stacks_into_ragged_exchanges_on_tpu(sets):
+    """tiny's update on 8 v5p chips: the stacks that would pad their group (the one-layer dense stack;
+    with data 2, everything replicated over data) are pooled, and on TPU a pool moves exactly its two
+    ragged all-to-all buffers (pieces in 128-element rows, not XLA's 128x-padded 1-D layout) and its
+    bucket all-gather. The whole update moves at most 2.5x the parameter bytes a device holds."""
+    cfg = load_config("experiments/tiny.yaml", sets + ["train.batch_size=8", "data.seq_len=128"])
+    report = plan(cfg, "v5p:2x2x2", parts=("update",))
+    mesh = make_mesh(cfg.mesh, tpu_slice("v5p:2x2x2").devices)
+    setup, state = abstract_train_state(cfg, mesh)
+    _, pools, _ = plan_owners(setup.infos, jax.tree.leaves(state["params"]), mesh, cfg.optim.ns_steps)
+    assert pools
+    ragged = gathered = 0
+    for pool in pools:
+        t = pool_tables(pool, mesh)
+        senders = math.prod(mesh.shape[a] for a in pool.senders)
+        ragged += 2 * max(int(t.bucket_size.max()), senders * t.capacity) * LANE * 4  # there and back
+        if pool.replicas:
+            gathered += math.prod(mesh.shape[a] for a in pool.replicas) * int(t.bucket_size.max()) * LANE * 4
+    moved = report["parts"]["update"]["collective_bytes"]
+    assert moved["ragged-all-to-all"] == ragged
+    assert moved.get("all-gather", 0) >= gathered
+    assert sum(moved.values()) <= 2.5 * report["param_bytes_per_device"], (moved, report["param_bytes_per_device"])
 
 
 # what libtpu 0.0.42.1 wrote to stderr at its start on a machine without a TPU (the E0000 line shortened)

@@ -98,7 +98,7 @@ def test_qk_clip_scales_the_real_models_weights_by_k2s_exponents(kind, alpha):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     infos = param_info(nnx.state(model, nnx.Param))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
-    stats = model(tokens)[1]["max_logits"]
+    stats = model(tokens)[1].max_logits
     every = np.concatenate([np.asarray(s).reshape(-1) for s in stats.values()])
     tau = float(np.median(every))  # about half the heads are clipped
     tx = qk_clip(infos, tau=tau, alpha=alpha)

@@ -21,8 +21,9 @@ def _is_routed_expert(info: ParamInfo) -> bool:
     return info.kind == "matrix" and "experts" in info.axes
 
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """total, activated (routed experts weighted by K/E) and embedding parameter counts."""
+def count_model_params(cfg: ModelConfig) -> dict[str, int]:
+    """total, activated (routed experts weighted by K/E) and embedding parameter counts, read off
+    the built (abstract) model; `flops.analytic_param_counts` derives the same from the config."""
     state = nnx.state(abstract_model(cfg), nnx.Param)
     infos = param_info(state)
     total = routed = embedding = 0

@@ -17,10 +17,8 @@ shard's own tokens through all experts: no exchange of tokens at all (GSPMD, lef
 the global sort by expert, all-reduces the whole buffer of token copies instead).
 
 In all three, FSDP shards of the expert weights are all-gathered inside (their gradients
-reduce-scattered by AD); a tensor-split FFN width is summed with psum. XLA:CPU has no
-ragged-all-to-all, so on CPU the exchange runs as `_ragged_all_to_all_by_gather` (the
-primitive's documented semantics from all-gathers), which is how the tests check the
-bookkeeping on fake devices.
+reduce-scattered by AD); a tensor-split FFN width is summed with psum. On CPU the ragged
+exchange runs in its all-gather form (k2jax/parallel/ragged.py).
 """
 
 from __future__ import annotations
@@ -33,8 +31,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from k2jax.model.grouped_matmul import dispatch_ragged, swiglu_grouped
+from k2jax.parallel.ragged import ragged_all_to_all
 from k2jax.parallel.sharding import logical_spec, spec_axes
-from k2jax.platform import target_platform
 
 AXIS = "expert"
 
@@ -137,7 +135,7 @@ def dispatch_local(x, ids, weights, experts: Experts, mesh, specs: ExpertSpecs, 
 
 def dispatch_all_gather(x, ids, weights, experts: Experts, mesh, specs: ExpertSpecs, impl: str = "ragged_dot"):
     """x (N, D), ids/weights (N, K) -> (N, D), dropped fraction (0): the same result as
-    `grouped.dispatch_ragged` on one device."""
+    `grouped_matmul.dispatch_ragged` on one device."""
 
     def local(x, ids, weights, experts):
         experts = _whole_experts(experts, specs)
@@ -156,27 +154,9 @@ def _exclusive_cumsum(a):
     return jnp.cumsum(a) - a
 
 
-def _ragged_all_to_all_by_gather(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name):
-    """jax.lax.ragged_all_to_all with one slice per peer, built from all-gathers by the primitive's
-    documented semantics, for XLA:CPU (which answers UNIMPLEMENTED for ragged-all-to-all)."""
-    del recv_sizes  # implied by the senders' send_sizes
-    me = jax.lax.axis_index(axis_name)
-    everyone = jax.lax.all_gather(operand, axis_name)  # (ep, M, D)
-    starts, sizes, dests = (jax.lax.all_gather(a, axis_name)[:, me] for a in (input_offsets, send_sizes,
-                                                                                output_offsets))  # (ep,)
-    rows = jnp.arange(output.shape[0])
-    for source in range(everyone.shape[0]):
-        pos = rows - dests[source]
-        inside = (pos >= 0) & (pos < sizes[source])
-        sent = everyone[source][jnp.clip(starts[source] + pos, 0, operand.shape[0] - 1)]
-        output = jnp.where(inside[:, None], sent, output)
-    return output
-
-
 def _exchange(*args):
-    """The ragged all-to-all over the expert axis: XLA's on GPU/TPU, the gather form on CPU."""
-    ragged = _ragged_all_to_all_by_gather if target_platform() == "cpu" else jax.lax.ragged_all_to_all
-    return ragged(*args, axis_name=AXIS)
+    """The ragged all-to-all over the expert axis."""
+    return ragged_all_to_all(*args, axis_name=AXIS)
 
 
 def _zero_buffer(shape: tuple[int, ...], like) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Analytic parameter counts, training FLOPs per token, device peaks and MFU.
+"""Analytic parameter counts, training FLOPs per token, the Newton-Schulz share of a step, device
+peaks and MFU.
 
 The counts are derived from the formulas of each component, independently of
 the Flax model, so tests can cross-check the two.
@@ -6,7 +7,7 @@ the Flax model, so tests can cross-check the two.
 
 from __future__ import annotations
 
-from k2jax.config import ModelConfig
+from k2jax.config import Config, ModelConfig
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -21,8 +22,9 @@ def attention_params(cfg: ModelConfig) -> int:
     return d * h * att.head_dim * 2 + d * att.num_kv_heads * att.head_dim * 2
 
 
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """total / activated / embedding parameters; activated counts K of E routed experts."""
+def analytic_param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """total / activated / embedding parameters from the config's formulas; activated counts K of E
+    routed experts. `count.count_model_params` reads the same off the built model."""
     d = cfg.d_model
     per_layer_common = attention_params(cfg) + 2 * d  # + two RMSNorm scales
     dense_ffn = 3 * d * cfg.dense_ffn_dim
@@ -40,6 +42,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
             "routed_experts": routed}
 
 
+def newton_schulz_fraction(ns_flops: float, cfg: Config) -> float:
+    """Newton-Schulz FLOPs of one Muon update (`optim.muon.newton_schulz_flops`) over the model
+    FLOPs of one training step of train.batch_size x data.seq_len tokens. Muon's cost scales
+    with total parameters, the model's with activated ones times tokens."""
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    return ns_flops / (flops_per_token(cfg.model, cfg.data.seq_len)["total"] * tokens)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token (forward + backward = 3 x forward).
 
@@ -48,7 +58,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     attention = 6 * layers * heads * (qk_head_dim + v_head_dim) * seq_len / 2: the
       QK^T and PV products (2 FLOPs per MAC, x3 for training) over the causal half.
     """
-    counts = param_counts(cfg)
+    counts = analytic_param_counts(cfg)
     lookup = cfg.vocab_size * cfg.d_model
     matmul = 6.0 * (counts["activated"] - lookup)
     att = cfg.attention

@@ -31,6 +31,7 @@ from k2jax.model.layers import SwiGLU, dtype_of, make_param
 from k2jax.model.expert_parallel import (Experts, dispatch_all_gather, dispatch_all_to_all, dispatch_local,
                                          expert_parallel_specs, splits_experts)
 from k2jax.model.grouped_matmul import dispatch_ragged, grouped_matmul_impl
+from k2jax.model.stats import ForwardStats
 
 
 class RouterBias(nnx.Variable):
@@ -113,13 +114,14 @@ def sign_bias(bias, expert_counts, rate):
     return bias + rate * jnp.sign(mean - expert_counts).astype(bias.dtype)
 
 
-def new_router_bias(bias, stats: dict, cfg: ModelConfig):
-    """The selection bias after a step, from that step's MoE stats (expert_counts, balance_hist)."""
+def new_router_bias(bias, stats: ForwardStats, cfg: ModelConfig):
+    """The selection bias after a step, from that step's stats of this layer (`ForwardStats.layer`:
+    expert_counts, balance_hist)."""
     moe = cfg.moe
     if moe.router_balance == "quantile":
-        return quantile_bias(stats["balance_hist"], bias, moe.experts_per_token).astype(bias.dtype)
+        return quantile_bias(stats.balance_hist, bias, moe.experts_per_token).astype(bias.dtype)
     if moe.router_balance == "sign":
-        return sign_bias(bias, stats["expert_counts"], moe.bias_update_rate)
+        return sign_bias(bias, stats.expert_counts, moe.bias_update_rate)
     return bias
 
 
@@ -145,7 +147,8 @@ def dispatch_capacity(x, ids, weights, valid, w_gate, w_up, w_down, capacity_fac
 
 
 class MoE(nnx.Module):
-    """x (B, T, D), valid (B, T) -> y (B, T, D), stats (expert_counts (E,), aux_loss, z_loss, dropped_fraction)."""
+    """x (B, T, D), valid (B, T) -> y (B, T, D), this layer's ForwardStats (expert_counts (E,), aux_loss (),
+    z_loss (), dropped_fraction (), balance_hist (E, QB_BINS) with router_balance=quantile)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: ExecutionConfig = ExecutionConfig()):
         self.cfg = cfg
@@ -192,16 +195,18 @@ class MoE(nnx.Module):
             y = y + self.shared(xf)
         vmask = vf.astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(ids, moe.num_experts, dtype=jnp.float32) * vmask[:, None, None], axis=(0, 1))
-        stats = {
-            "expert_counts": counts,
-            "aux_loss": (moe.aux_loss_coef * _balance_loss(logits, ids, counts, vmask, b, cfg)
-                         if moe.aux_loss_coef else jnp.zeros((), jnp.float32)),
-            "z_loss": moe.router_z_loss_coef * _z_loss(logits, vmask),
-            "dropped_fraction": jnp.asarray(dropped, jnp.float32),
-        }
+        hist = None
         if moe.router == "sigmoid_bias" and moe.router_balance == "quantile":
             scores = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
-            stats["balance_hist"] = balance_histogram(scores, bias, vmask, moe.experts_per_token)
+            hist = balance_histogram(scores, bias, vmask, moe.experts_per_token)
+        stats = ForwardStats(
+            expert_counts=counts,
+            aux_loss=(moe.aux_loss_coef * _balance_loss(logits, ids, counts, vmask, b, cfg)
+                      if moe.aux_loss_coef else jnp.zeros((), jnp.float32)),
+            z_loss=moe.router_z_loss_coef * _z_loss(logits, vmask),
+            dropped_fraction=jnp.asarray(dropped, jnp.float32),
+            balance_hist=hist,
+        )
         return y.reshape(b, t, d).astype(x.dtype), stats
 
 

@@ -18,6 +18,7 @@ from k2jax.model.attention import Attention
 from k2jax.model.layers import Embed, RMSNorm, SwiGLU, make_param
 from k2jax.model.moe import MoE, new_router_bias
 from k2jax.model.rope import rope_tables
+from k2jax.model.stats import ForwardStats, over_layers
 
 DENSE, MOE = "dense_layers", "moe_layers"
 _REMAT_POLICIES = {
@@ -43,8 +44,8 @@ class Block(nnx.Module):
     def prefill(self, x, rope, segment_ids):
         """The training forward, plus the attention cache entries of these tokens."""
         h, max_logits, entries = self.attn.prefill(self.attn_norm(x), rope, segment_ids)  # (B, T, D), (H,)
-        x, moe_stats = self._ffn(x + h, segment_ids > 0)
-        return x, {"max_logits": max_logits, **moe_stats}, entries
+        x, stats = self._ffn(x + h, segment_ids > 0)
+        return x, stats.replace(max_logits=max_logits), entries
 
     def decode(self, x, rope, positions, valid, cache):
         """x (B, T, D) of new tokens at positions (B, T) -> x, the cache with their entries."""
@@ -54,10 +55,10 @@ class Block(nnx.Module):
 
     def _ffn(self, x, valid):
         if self.is_moe:
-            h, moe_stats = self.ffn(self.ffn_norm(x), valid)
+            h, stats = self.ffn(self.ffn_norm(x), valid)
         else:
-            h, moe_stats = self.ffn(self.ffn_norm(x)), {}
-        return x + h, moe_stats
+            h, stats = self.ffn(self.ffn_norm(x)), ForwardStats()
+        return x + h, stats
 
 
 def _stacked_blocks(cfg: ModelConfig, execution: ExecutionConfig, n: int, moe: bool, key: str,
@@ -132,12 +133,8 @@ class Transformer(nnx.Module):
         (slower on a mesh, same results). The layers read it as the ambient abstract mesh, which this
         call sets; a caller may instead set it (`jax.sharding.use_abstract_mesh`) around the call.
 
-        Returns logits (B, T, V) in float32 and a stats dict:
-          max_logits[key]: (L, H) or (H,) float32, keyed like the params' stats_key;
-          expert_counts[key]: (L, E) or (E,) tokens routed per expert (MoE stacks);
-          balance_hist[key]: (L, E, QB_BINS) or (E, QB_BINS), with router_balance=quantile;
-          aux_loss, z_loss: scalars summed over layers; dropped_fraction: mean over MoE layers;
-          dropped_per_layer[key]: (L,) or () per MoE stack, each layer's dropped share of token copies.
+        Returns logits (B, T, V) in float32 and a `ForwardStats` (k2jax.model.stats: its fields, their
+        shapes and how they combine over layers), per-layer values keyed like the params' stats_key.
         """
         with _traced_for(mesh):
             return self._forward(tokens, positions, segment_ids)
@@ -157,7 +154,7 @@ class Transformer(nnx.Module):
         per_layer: dict = {}
         for name, stack in self._stacks():
             x = self._run_stack(name, stack, x, self._maybe_remat(layer), {}, per_layer)
-        return self._logits(x), _collect_stats(per_layer)
+        return self._logits(x), over_layers(per_layer)
 
     def prefill(self, tokens, positions, segment_ids, *, mesh=None):
         """The forward pass that also returns every layer's attention cache entries for these tokens:
@@ -212,21 +209,20 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32)
 
     def moe_blocks(self):
-        """(stats key, block) for every MoE stack or layer, matching stats["expert_counts"]."""
+        """(stats key, block) for every MoE stack or layer, matching stats.expert_counts."""
         if self.moe_layers is None:
             return []
         if self.cfg.scan_layers:
             return [(MOE, self.moe_layers)]
         return [(f"{MOE}.{i}", blk) for i, blk in enumerate(self.moe_layers)]
 
-    def update_router_biases(self, stats: dict) -> None:
+    def update_router_biases(self, stats: ForwardStats) -> None:
         """Move each MoE layer's selection bias toward equal load (sigmoid router), per
         model.moe.router_balance, from a step's stats (expert_counts and, for quantile, balance_hist)."""
         if self.cfg.moe.router != "sigmoid_bias":
             return
         for key, block in self.moe_blocks():
-            layer_stats = {name: stats[name][key] for name in ("expert_counts", "balance_hist") if key in stats[name]}
-            block.ffn.bias.value = new_router_bias(block.ffn.bias.value, layer_stats, self.cfg)
+            block.ffn.bias.value = new_router_bias(block.ffn.bias.value, stats.layer(key), self.cfg)
 
 
 def _traced_for(mesh):
@@ -238,19 +234,3 @@ def _traced_for(mesh):
     if not ambient.empty and ambient != abstract:
         raise ValueError(f"Transformer called with mesh {abstract} inside another ambient mesh {ambient}")
     return jax.sharding.use_abstract_mesh(abstract)
-
-
-def _collect_stats(per_layer: dict) -> dict:
-    max_logits = {k: v["max_logits"] for k, v in per_layer.items()}
-    moe = {k: v for k, v in per_layer.items() if "expert_counts" in v}
-    zero = jnp.zeros((), jnp.float32)
-    return {
-        "max_logits": max_logits,
-        "expert_counts": {k: v["expert_counts"] for k, v in moe.items()},
-        "balance_hist": {k: v["balance_hist"] for k, v in moe.items() if "balance_hist" in v},
-        "aux_loss": sum((jnp.sum(v["aux_loss"]) for v in moe.values()), zero),
-        "z_loss": sum((jnp.sum(v["z_loss"]) for v in moe.values()), zero),
-        "dropped_fraction": (jnp.mean(jnp.stack([jnp.mean(v["dropped_fraction"]) for v in moe.values()]))
-                             if moe else zero),
-        "dropped_per_layer": {k: v["dropped_fraction"] for k, v in moe.items()},
-    }

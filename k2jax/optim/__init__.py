@@ -1,7 +1,7 @@
 """MuonClip and friends as optax transformations driven by parameter metadata.
 
     tx = muonclip(learning_rate, param_info(state))          # any optax code; OptimConfig's hyper-parameters
-    updates, opt_state = tx.update(grads, opt_state, params, attn_max_logits=stats["max_logits"])
+    updates, opt_state = tx.update(grads, opt_state, params, attn_max_logits=stats.max_logits)
 
 `make_optimizer(OptimConfig, infos, total_steps)` builds "muonclip", "muon" or
 "adamw" with gradient clipping and the schedule, all accepting the same

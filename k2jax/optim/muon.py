@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
-from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
 from k2jax.config import OptimConfig
-from k2jax.optim.owner import is_masked, matrix_flops, owner_newton_schulz_tree
+from k2jax.optim.owner import is_masked, matrix_flops, newton_schulz, owner_newton_schulz_tree
 from k2jax.params import ParamInfo, is_info
 
 MUON, ADAMW, ADAMW_NO_DECAY = "muon", "adamw", "adamw_no_decay"
@@ -84,13 +83,8 @@ def scale_by_rms_match(infos, rms_scale: float) -> optax.GradientTransformation:
 def newton_schulz_tree(infos, ns_coeffs, ns_steps: int, dtype):
     """updates -> updates: each Muon update (MaskedNode elsewhere) orthogonalised with Newton-Schulz
     computed in `dtype`, one matrix per slice of its dimension numbers, and cast back."""
-    coeffs = jnp.asarray(ns_coeffs, dtype)
-
     def orthogonalise(u, info):
-        if is_masked(u):
-            return u
-        return orthogonalize_via_newton_schulz(u.astype(dtype), coeffs, ns_steps,
-                                               dimension_numbers=dimension_numbers(info)).astype(u.dtype)
+        return u if is_masked(u) else newton_schulz(u, dimension_numbers(info), ns_coeffs, ns_steps, dtype)
 
     return lambda updates: jax.tree.map(orthogonalise, updates, infos, is_leaf=is_masked)
 

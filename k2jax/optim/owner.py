@@ -24,11 +24,16 @@ A matrix whose pieces all sit on one device (experts split only over the expert 
 a group of one: it is orthogonalised where it is, with no traffic. Bytes moved per device
 per step: about twice the parameter's local size (there and back), never per iteration.
 
+A stack that would pad (M not a multiple of G: kimi-k2's 61-layer attention stacks on 512
+chips, any one-layer stack) is pooled instead, with the others replicated over the same axes,
+into one ragged exchange where no padding travels (`owner_pool.py`). Only a stack whose
+stacked dims are themselves split (experts over the expert axis) is still padded here.
+
 Balance: a stack of M matrices padded to k G slots leaves k G - M devices a padding slot,
 which they skip (`lax.cond`: no iterations run on it). `assign_owners` rotates each padded
 stack so that its real matrices start where the devices carry the least work so far
-(greedy, most expensive matrices first): one-layer stacks (the dense layer) and stacks of
-fewer matrices than devices land on different devices instead of all on the first ones.
+(greedy, most expensive matrices first); `plan_owners` then gives the pooled matrices to the
+least-loaded devices.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not exported by optax 0.2.8
 
+from k2jax.optim.owner_pool import assign_pools, orthogonalise_pool, pooled_leaf, poolable
 from k2jax.params import ParamInfo, is_info
 from k2jax.parallel.sharding import logical_spec, spec_axes
 
@@ -65,6 +71,15 @@ class OwnerLayout:
     def slots(self) -> int:
         """k: matrices each device orthogonalises (padding included)."""
         return -(-self.matrices // self.group)
+
+
+def newton_schulz(x, dimension_numbers: MuonDimensionNumbers, ns_coeffs, ns_steps: int, dtype):
+    """x orthogonalised by optax's Newton-Schulz iterations in `dtype`, one matrix per slice of its
+    dimension numbers, cast back to x's dtype. optax 0.2.8 does not export the function; this is
+    the one place that imports it."""
+    coeffs = jnp.asarray(ns_coeffs, dtype)
+    return orthogonalize_via_newton_schulz(x.astype(dtype), coeffs, ns_steps,
+                                           dimension_numbers=dimension_numbers).astype(x.dtype)
 
 
 def matrix_flops(a: int, b: int) -> float:
@@ -183,11 +198,24 @@ def _device_position(layout: OwnerLayout, mesh):
     return position
 
 
+def plan_owners(infos, leaves, mesh, steps: int):
+    """Who orthogonalises what: (per-leaf [(index among leaves, layout, rotation)], pools of the
+    leaves whose stacks would pad (`owner_pool.py`), and every device's Newton-Schulz FLOPs)."""
+    flat_infos = jax.tree.leaves(infos, is_leaf=is_info)
+    found = _layouts(infos, leaves, mesh)
+    own = [(i, layout) for i, layout in found if not poolable(layout, flat_infos[i], mesh)]
+    pooled = [pooled_leaf(i, layout, leaves[i].shape, mesh) for i, layout in found
+              if poolable(layout, flat_infos[i], mesh)]
+    rotations, load = assign_owners([layout for _, layout in own], mesh, steps)
+    itemsize = max((np.dtype(leaves[leaf.index].dtype).itemsize for leaf in pooled), default=4)
+    pools = assign_pools(pooled, mesh, steps, load, itemsize)
+    return [(i, layout, rotation) for (i, layout), rotation in zip(own, rotations)], pools, load
+
+
 def owner_newton_schulz_flops(infos, shapes, mesh, steps: int) -> float:
     """Newton-Schulz FLOPs of the busiest device in one owner-sharded Muon update (padding
     slots skipped); shapes: a tree like infos of arrays or ShapeDtypeStructs."""
-    leaves, _ = jax.tree.flatten(shapes)
-    return float(np.max(assign_owners([layout for _, layout in _layouts(infos, leaves, mesh)], mesh, steps)[1]))
+    return float(np.max(plan_owners(infos, jax.tree.leaves(shapes), mesh, steps)[2]))
 
 
 def _layouts(infos, leaves, mesh) -> list[tuple[int, OwnerLayout]]:
@@ -206,19 +234,19 @@ def owner_newton_schulz_tree(infos, mesh, ns_coeffs, ns_steps: int, dtype):
     """updates -> updates: each Muon update (momentum-averaged, normalised; MaskedNode elsewhere)
     orthogonalised on its owner device with Newton-Schulz iterations in `dtype`, cast back, in the
     update's own sharding."""
-    coeffs = jnp.asarray(ns_coeffs, dtype)
+    def orthogonaliser(layout):
+        return lambda x: newton_schulz(x, layout.dimension_numbers, ns_coeffs, ns_steps, dtype)
 
     def tree(updates):
         leaves, structure = jax.tree.flatten(updates, is_leaf=is_masked)
-        found = _layouts(infos, leaves, mesh)
-        rotations, _ = assign_owners([layout for _, layout in found], mesh, ns_steps)
-        for (i, layout), rotation in zip(found, rotations):
-
-            def orthogonalise(x, layout=layout):
-                return orthogonalize_via_newton_schulz(x.astype(dtype), coeffs, ns_steps,
-                                                       dimension_numbers=layout.dimension_numbers).astype(x.dtype)
-
-            leaves[i] = orthogonalise_owned(leaves[i], layout, mesh, orthogonalise, rotation)
+        own, pools, _ = plan_owners(infos, leaves, mesh, ns_steps)
+        for i, layout, rotation in own:
+            leaves[i] = orthogonalise_owned(leaves[i], layout, mesh, orthogonaliser(layout), rotation)
+        for pool in pools:
+            done = orthogonalise_pool([leaves[leaf.index] for leaf in pool.leaves], pool, mesh,
+                                      [orthogonaliser(leaf.layout) for leaf in pool.leaves])
+            for leaf, x in zip(pool.leaves, done):
+                leaves[leaf.index] = x
         return jax.tree.unflatten(structure, leaves)
 
     return tree

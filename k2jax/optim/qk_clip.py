@@ -88,8 +88,8 @@ def _gamma_for(path, info: ParamInfo, shape, stats, tau):
 
 
 def qk_clip(param_infos, tau: float, alpha: float) -> optax.GradientTransformationExtraArgs:
-    """The QK-Clip transformation over a parameter tree described by `param_infos` (defaults of
-    tau and alpha: OptimConfig.qk_clip_tau and qk_clip_alpha)."""
+    """The QK-Clip transformation over a parameter tree described by `param_infos`; tau and alpha
+    come from the config's OptimConfig.qk_clip_tau and qk_clip_alpha."""
     def init_fn(params):
         del params
         return QKClipState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32))
@@ -100,7 +100,7 @@ def qk_clip(param_infos, tau: float, alpha: float) -> optax.GradientTransformati
             raise ValueError("qk_clip needs the current params: call tx.update(grads, state, params, ...)")
         if attn_max_logits is None:
             raise ValueError("qk_clip needs the per-head max attention logits: pass attn_max_logits=... "
-                             "(the forward pass's stats['max_logits']) to tx.update")
+                             "(the forward pass's stats.max_logits) to tx.update")
 
         grouped = _grouped_keys(params, param_infos)
 

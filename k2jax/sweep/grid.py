@@ -140,7 +140,7 @@ def result_row(sweep: Sweep, run: Run) -> dict | None:
         return None
     summary = json.loads((out / "summary.json").read_text())
     cfg = sweep.config(run)
-    counts = flops_lib.param_counts(cfg.model)
+    counts = flops_lib.analytic_param_counts(cfg.model)
     tokens = summary["steps"] * cfg.train.batch_size * cfg.data.seq_len
     per_token = flops_lib.flops_per_token(cfg.model, cfg.data.seq_len)
     return {"run": run.name, **run.axes, "params_total": counts["total"], "params_activated": counts["activated"],

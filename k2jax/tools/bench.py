@@ -90,7 +90,8 @@ def bench(variants: dict[str, Config], *, steps: int = 10, warmup: int = 2,
                      "model_flops_per_token": per_token["total"], "attention_flops_per_token": per_token["attention"],
                      "mfu": flops_lib.mfu(tokens / step_s, per_token["total"], jax.device_count(), peak) if peak else None,
                      "compile_s": run["compile_s"], "ratio": first / step_s,
-                     "newton_schulz_flops": run["ns_flops"], "model_flops_per_step": per_token["total"] * tokens})
+                     "newton_schulz_flops": run["ns_flops"],
+                     "newton_schulz_fraction": flops_lib.newton_schulz_fraction(run["ns_flops"], cfg)})
     rows[-1]["peak_memory_bytes"] = _peak_memory_bytes()  # the process's peak over all variants
     return rows
 
@@ -108,9 +109,9 @@ def format_table(rows: list[dict], cfg: Config) -> str:
         lines.append(f"{r['variant']:16s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:11,.0f} {mfu:>7s} "
                      f"{r['compile_s']:10.1f} {r['ratio']:13.3f}x")
     ns = next((r for r in rows if r["newton_schulz_flops"]), None)
-    if ns:  # Muon's cost scales with total parameters, the model's with activated ones times tokens
+    if ns:
         lines.append(f"Newton-Schulz FLOPs/step {ns['newton_schulz_flops']:.3e} = "
-                     f"{ns['newton_schulz_flops'] / ns['model_flops_per_step']:.1%} of the step's model FLOPs")
+                     f"{ns['newton_schulz_fraction']:.1%} of the step's model FLOPs")
     peak = rows[-1].get("peak_memory_bytes")
     lines.append(f"peak device memory: {peak / 2**30:.2f} GiB" if peak else "peak device memory: n/a on this backend")
     return "\n".join(lines)

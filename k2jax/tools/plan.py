@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import Config
-from k2jax.model.flops import flops_per_token, param_counts
+from k2jax.model.flops import analytic_param_counts, flops_per_token
 from k2jax.optim.muon import newton_schulz_flops
 from k2jax.optim.owner import owner_newton_schulz_flops
 from k2jax.parallel.sharding import make_mesh, replicated
@@ -168,7 +168,7 @@ def plan(cfg: Config, topology: str, parts=TRAIN_PARTS, hlo_dir: str | None = No
     tokens = cfg.train.batch_size * cfg.data.seq_len
     held, even = state_bytes_per_device(state)
     report = {
-        "config": {"parameters": param_counts(cfg.model), "optimizer": cfg.optim.name,
+        "config": {"parameters": analytic_param_counts(cfg.model), "optimizer": cfg.optim.name,
                    "muon_sharding": cfg.optim.muon_sharding, "batch_size": cfg.train.batch_size,
                    "seq_len": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum},
         "topology": topology, "devices": devices, "chips": tpu.chips, "mesh": dict(mesh.shape),
@@ -252,7 +252,7 @@ def _abstract_grads(cfg, setup, state, batch):
     grads, _, stats = jax.eval_shape(make_grad_step(cfg, setup), state["params"], state["model_state"], batch)
     grads = jax.tree.map(lambda g, p: jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=p.sharding),
                          grads, state["params"])
-    return grads, stats["max_logits"]
+    return grads, stats.max_logits
 
 
 def _time_bounds(report: dict) -> dict:

@@ -171,38 +171,6 @@ def _host(tree):
     return jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(tree))
 
 
-def _layer_max_logits(max_logits: dict) -> list[float]:
-    """Per-layer max over heads, in model order (dense layers, then MoE layers)."""
-    out = []
-    for key in sorted(max_logits, key=_layer_order):
-        arr = np.asarray(max_logits[key])
-        out.extend(arr.max(axis=-1).reshape(-1).tolist())
-    return out
-
-
-def _layer_order(key: str):
-    name, _, idx = key.partition(".")
-    return (0 if name.startswith("dense") else 1, int(idx or 0))
-
-
-def _per_moe_layer(values: dict) -> list[float]:
-    """A per-MoE-stack statistic ((L,) or scalar each) as one list in model order."""
-    return [float(v) for k in sorted(values, key=_layer_order) for v in np.reshape(values[k], -1)]
-
-
-def _expert_load(counts: dict) -> dict:
-    """Expert load statistics of a step; per-layer lists in model order."""
-    if not counts:
-        return {}
-    loads = np.concatenate([np.reshape(counts[k], (-1, np.shape(counts[k])[-1]))
-                            for k in sorted(counts, key=_layer_order)])  # (MoE layers, E)
-    mean = np.maximum(loads.mean(axis=-1), 1e-9)
-    high, low = loads.max(axis=-1) / mean, loads.min(axis=-1) / mean
-    return {"expert_load_min": float(loads.min()), "expert_load_max": float(loads.max()),
-            "expert_balance": float(high.mean()),
-            "expert_load_max_per_layer": high.tolist(), "expert_load_min_per_layer": low.tolist()}
-
-
 def evaluate(eval_step, state, batches) -> float:
     total = count = 0.0
     for batch in batches:
@@ -318,7 +286,7 @@ def _restore(ckpt: Checkpointer, setup, state: dict, train_iter) -> dict:
 
 
 def _announce(cfg: Config, setup, state: dict, resume: bool, train_chunks, heldout_chunks) -> None:
-    counts = flops_lib.param_counts(cfg.model)
+    counts = flops_lib.analytic_param_counts(cfg.model)
     print(f"k2jax: {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
           f"{dict(setup.mesh.shape)}; {counts['total'] / 1e6:.2f}M parameters "
           f"({counts['activated'] / 1e6:.2f}M activated); {_count(train_chunks)} train and "
@@ -606,16 +574,11 @@ def _source_record(cfg: Config, train: mixture.MixtureIterator) -> dict:
 
 
 def _log_record(host: dict, tokens_per_s: float, flops_per_token: float, peak) -> dict:
-    per_layer = _layer_max_logits(host["max_logits"])
     record = {
-        "loss": host["loss"], "aux_loss": host["aux_loss"], "z_loss": host["z_loss"],
-        "grad_norm": host["grad_norm"], "learning_rate": host["learning_rate"],
-        "tokens_per_s": tokens_per_s, "max_logit": max(per_layer),
-        "max_logit_per_layer": per_layer, "max_logit_per_head": host["max_logits"],
-        "dropped_fraction": host["dropped_fraction"],
-        "dropped_fraction_per_layer": _per_moe_layer(host["dropped_per_layer"]),
+        "loss": host["loss"], "grad_norm": host["grad_norm"], "learning_rate": host["learning_rate"],
+        "tokens_per_s": tokens_per_s,
+        **host["stats"].log(),  # every logged ForwardStats field (k2jax.model.stats)
         **{k: host[k] for k in ("clipped_heads", "min_gamma") if k in host},
-        **_expert_load(host["expert_counts"]),
     }
     if peak:
         record["mfu"] = flops_lib.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak)

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from k2jax.config import Config, ConfigError
+from k2jax.model import stats as forward_stats
 from k2jax.model.transformer import Transformer
 from k2jax.optim import make_optimizer, qk_clip_metrics
 from k2jax.optim.schedules import make_schedule
@@ -126,13 +127,14 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 
 def _accumulated_grads(cfg: Config, setup: TrainSetup):
-    """grads_fn(params, model_state, batch) -> (grads, summed token NLL, merged stats): the forward
-    and backward pass over cfg.train.grad_accum micro-batches, gradients summed in float32."""
+    """grads_fn(params, model_state, batch) -> (grads, summed token NLL, ForwardStats): the forward
+    and backward pass over cfg.train.grad_accum micro-batches, gradients summed in float32, the
+    micro-batches' statistics merged by their fields' rules."""
     graphdef, n_micro = setup.graphdef, cfg.train.grad_accum
 
     def micro_loss(params, model_state, micro, n_valid):
         nll_sum, count, stats = _forward(graphdef, params, model_state, micro, setup.mesh)
-        router_loss = (stats["aux_loss"] + stats["z_loss"]) / n_micro
+        router_loss = (stats.aux_loss + stats.z_loss) / n_micro
         return nll_sum / n_valid + router_loss, (nll_sum, stats)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -144,7 +146,7 @@ def _accumulated_grads(cfg: Config, setup: TrainSetup):
             grads, nll_total, stats_acc = carry
             (_, (nll_sum, stats)), g = grad_fn(params, model_state, micro, n_valid)
             grads = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grads, g)
-            stats_acc = _merge_stats(stats_acc, stats) if stats_acc is not None else stats
+            stats_acc = forward_stats.merge(stats_acc, stats) if stats_acc is not None else stats
             return (grads, nll_total + nll_sum, stats_acc), None
 
         micros = _split_micro(batch, n_micro)
@@ -154,7 +156,8 @@ def _accumulated_grads(cfg: Config, setup: TrainSetup):
         if n_micro > 1:
             rest = jax.tree.map(lambda x: x[1:], micros)
             carry, _ = jax.lax.scan(accumulate, carry, rest)
-        return carry
+        grads, nll_total, stats = carry
+        return grads, nll_total, forward_stats.finish(stats, n_micro)
 
     return grads_fn
 
@@ -200,13 +203,12 @@ def make_train_step(cfg: Config, setup: TrainSetup):
     """Jitted train_step(state, batch) -> (state, metrics), sharded per setup; gradient accumulation
     over cfg.train.grad_accum micro-batches. The state argument is donated."""
     graphdef, schedule = setup.graphdef, setup.schedule
-    n_micro = cfg.train.grad_accum
     grads_fn = _accumulated_grads(cfg, setup)
 
     def train_step(state, batch: Batch):
         n_valid = valid_tokens(batch)
         grads, nll_total, stats = grads_fn(state["params"], state["model_state"], batch)
-        new_params, opt_state = _apply_update(setup, state, grads, stats["max_logits"])
+        new_params, opt_state = _apply_update(setup, state, grads, stats.max_logits)
 
         model = nnx.merge(graphdef, new_params, state["model_state"])
         model.update_router_biases(stats)
@@ -221,16 +223,11 @@ def make_train_step(cfg: Config, setup: TrainSetup):
         }
         metrics = {
             "loss": nll_total / n_valid,
-            "aux_loss": stats["aux_loss"] / n_micro,
-            "z_loss": stats["z_loss"] / n_micro,
             "grad_norm": optax.global_norm(grads),
             "params_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)])),
             "learning_rate": schedule(state["step"]),
             "tokens": n_valid,
-            "max_logits": stats["max_logits"],
-            "expert_counts": stats["expert_counts"],
-            "dropped_fraction": stats["dropped_fraction"],
-            "dropped_per_layer": stats["dropped_per_layer"],
+            "stats": stats,  # the batch's ForwardStats
             **qk_clip_metrics(opt_state),
         }
         return new_state, metrics
@@ -238,19 +235,6 @@ def make_train_step(cfg: Config, setup: TrainSetup):
     batch_sh = _check_batch_split(cfg, setup.mesh)
     return jax.jit(train_step, in_shardings=(setup.shardings, batch_sh), out_shardings=(setup.shardings, replicated(setup.mesh)),
                    donate_argnums=(0,))
-
-
-def _merge_stats(a: dict, b: dict) -> dict:
-    """Combine micro-batch statistics: max of max-logits, sums of loads and losses."""
-    return {
-        "max_logits": jax.tree.map(jnp.maximum, a["max_logits"], b["max_logits"]),
-        "expert_counts": jax.tree.map(jnp.add, a["expert_counts"], b["expert_counts"]),
-        "balance_hist": jax.tree.map(jnp.add, a["balance_hist"], b["balance_hist"]),
-        "aux_loss": a["aux_loss"] + b["aux_loss"],
-        "z_loss": a["z_loss"] + b["z_loss"],
-        "dropped_fraction": jnp.maximum(a["dropped_fraction"], b["dropped_fraction"]),
-        "dropped_per_layer": jax.tree.map(jnp.maximum, a["dropped_per_layer"], b["dropped_per_layer"]),
-    }
 
 
 def make_eval_step(setup: TrainSetup):

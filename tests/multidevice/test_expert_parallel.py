@@ -37,7 +37,7 @@ def _loss(dispatch, ids=IDS):
 
 
 def _on_mesh(dispatch, mesh, specs, **kw):
-    """dispatch with `grouped.dispatch_ragged`'s arguments: x, ids, weights, gate, up, down."""
+    """dispatch with `grouped_matmul.dispatch_ragged`'s arguments: x, ids, weights, gate, up, down."""
     return lambda x, ids, w, *ex: dispatch(x, ids, w, Experts(*ex), mesh, specs, **kw)
 
 
@@ -160,7 +160,7 @@ def test_the_models_mesh_argument_decides_the_layout_not_the_values():
     assert "shard_map" in str(jax.make_jaxpr(with_mesh)(state, tokens))
     assert "shard_map" not in str(jax.make_jaxpr(forward)(state, tokens))
     (a, sa), (b, sb) = with_mesh(state, tokens), jax.jit(forward)(state, tokens)
-    _check((a, sa["max_logits"], sa["expert_counts"]), (b, sb["max_logits"], sb["expert_counts"]), "mesh vs none")
+    _check((a, sa.max_logits, sa.expert_counts), (b, sb.max_logits, sb.expert_counts), "mesh vs none")
     other = make_mesh(MeshConfig(data=8))
     with jax.sharding.use_abstract_mesh(other.abstract_mesh), pytest.raises(ValueError, match="another ambient mesh"):
         jax.make_jaxpr(with_mesh)(state, tokens)

@@ -13,7 +13,7 @@ from k2jax.config import PRESETS, MeshConfig, OptimConfig, load_config, replace
 from k2jax.model.transformer import Transformer
 from k2jax.optim import make_optimizer
 from k2jax.optim.muon import newton_schulz_flops
-from k2jax.optim.owner import _layouts, assign_owners, owner_layout
+from k2jax.optim.owner import owner_layout, plan_owners
 from k2jax.parallel.sharding import make_mesh, opt_state_shardings, param_shardings
 from k2jax.params import is_info, param_info
 from k2jax.train.step import init_train_state, make_train_step
@@ -90,21 +90,25 @@ def test_owner_muon_equals_one_device(axes, reference):
 def test_owner_assignment_counts_every_matrix_once_and_balances(axes):
     """Every matrix is orthogonalised once per copy of it that does not split its work: once,
     unless a replica axis would not lower the matrices per device (then each replica repeats the
-    work instead of padding and gathering); padding slots are skipped."""
+    work instead of padding and gathering); stacks that would pad are pooled (once each); padding
+    slots are skipped."""
     mesh = make_mesh(MeshConfig(**axes))
     leaves = jax.tree.leaves(PARAMS)
     flat_infos = jax.tree.leaves(INFOS, is_leaf=is_info)
-    found = _layouts(INFOS, leaves, mesh)
-    _, load = assign_owners([layout for _, layout in found], mesh, 5)
+    own, pools, load = plan_owners(INFOS, leaves, mesh, 5)
     expected = 0.0
-    for i, layout in found:
+    for i, layout, _ in own:
         in_spec = set(jax.tree.leaves(tuple(layout.spec)))
         repeats = np.prod([mesh.shape[a] for a in mesh.axis_names if a not in in_spec | set(layout.replicas)])
         matrices = np.prod([leaves[i].shape[d] for d in flat_infos[i].batch_axes])
         expected += 5 * layout.matrix_flops * matrices * repeats
+    pooled = [leaf for pool in pools for leaf in pool.leaves]
+    expected += sum(5 * leaf.layout.matrix_flops * leaf.layout.matrices for leaf in pooled)
+    assert pooled  # the one-layer stacks (fewer matrices than devices) on every mesh here
+    assert len(own) + len(pooled) == sum(info.kind == "matrix" for info in flat_infos)
     assert abs(load.sum() - expected) <= 1e-9 * expected, (axes, load.sum(), expected)
     assert load.sum() >= newton_schulz_flops(INFOS, PARAMS) * (1 - 1e-9)
-    heaviest = 5 * max(layout.matrix_flops for _, layout in found)
+    heaviest = 5 * max([layout.matrix_flops for _, layout, _ in own] + [leaf.layout.matrix_flops for leaf in pooled])
     assert load.max() <= load.mean() + heaviest, (axes, load.max(), load.mean(), heaviest)
     print(axes, "busiest device / mean", load.max() / load.mean())
 

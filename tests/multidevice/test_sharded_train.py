@@ -86,7 +86,7 @@ def runs(tiny_batch, stderr_of):
             for _ in range(2):
                 state, metrics = step(state, tiny_batch)
                 losses.append(float(metrics["loss"]))
-                assert float(metrics["dropped_fraction"]) == 0.0, name
+                assert float(metrics["stats"].dropped_fraction) == 0.0, name
             out[name] = (setup, state, step, losses)
         return out
 
