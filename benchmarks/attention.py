@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.model.attention import attend, attention_mask
-from k2jax.model.flash_attention import flash_attend
+from k2jax.kernels.flash_attention import flash_attend
 
 
 def _timed(fn, args, rounds_out: list):

@@ -11,7 +11,7 @@ from flax import nnx
 
 from k2jax.config import AttentionConfig, ExecutionConfig, ModelConfig, MoEConfig
 from k2jax.model.attention import attend, attention_mask
-from k2jax.model.flash_attention import flash_attend
+from k2jax.kernels.flash_attention import flash_attend
 from k2jax.model.transformer import Transformer
 from packing import packed_layout
 
@@ -119,7 +119,7 @@ def test_tpu_flash_matches_plain_in_tpu_interpret_mode():
     padded to one width), packed documents and padding, at T = 256 (two 128-position tiles)."""
     import jax.experimental.pallas.tpu as pltpu
 
-    from k2jax.model.flash_attention_tpu import flash_attend_tpu
+    from k2jax.kernels.flash_attention_tpu import flash_attend_tpu
 
     t = 256
     _, seg = packed_layout([[100, 100], [t]], t)  # row 0 ends in 56 padding positions

@@ -15,7 +15,7 @@ import pytest
 
 from k2jax.cli import main
 from k2jax.config import load_config
-from k2jax.model.flash_attention import flash_attend
+from k2jax.kernels.flash_attention import flash_attend
 from k2jax.platform import lowering_for, target_platform
 from k2jax.tools.lowering import lower_train_step, summarize
 

@@ -101,7 +101,7 @@ def test_dispatch_matches_naive_loop(dispatch, grouped_matmul, groups):
 @pytest.mark.parametrize("group_sizes", [[50, 0, 100, 70, 1, 79], [0] * 6, [300, 0, 0, 0, 0, 0], [10, 20, 0, 5, 99, 3]])
 def test_tiled_grouped_matmul_equals_ragged_dot(group_sizes):
     """Empty groups, one full group, and rows past every group (sum 137 < 300: they come back zero)."""
-    from k2jax.model.grouped_matmul import _swiglu_ragged, _swiglu_tiled
+    from k2jax.kernels.grouped_matmul import _swiglu_ragged, _swiglu_tiled
 
     keys = jax.random.split(jax.random.key(0), 4)
     args = (jax.random.normal(keys[0], (300, 16)), jax.random.normal(keys[1], (6, 16, 8)),
@@ -122,7 +122,7 @@ def test_tiled_grouped_matmul_equals_ragged_dot(group_sizes):
 def test_tiled_grouped_matmul_with_few_rows_per_expert_equals_ragged_dot(rows, group_sizes):
     """Decoding's shapes: fewer than two rows per expert (each row gathers its expert's weights) and a few
     (tiles shrink to the rows per expert); rows past every group come back zero."""
-    from k2jax.model.grouped_matmul import _swiglu_ragged, _swiglu_tiled
+    from k2jax.kernels.grouped_matmul import _swiglu_ragged, _swiglu_tiled
 
     keys = jax.random.split(jax.random.key(1), 4)
     args = (jax.random.normal(keys[0], (rows, 16)), jax.random.normal(keys[1], (6, 16, 8)),
@@ -139,7 +139,7 @@ def test_megablox_grouped_matmul_equals_ragged_dot_and_tiled(group_sizes):
     groups that start and end inside tiles, empty groups, one group of every row, rows past every
     group (they come back zero and take no gradient); values and gradients w.r.t. x and the three
     weight stacks."""
-    from k2jax.model.grouped_matmul import _swiglu_megablox, _swiglu_ragged, _swiglu_tiled
+    from k2jax.kernels.grouped_matmul import _swiglu_megablox, _swiglu_ragged, _swiglu_tiled
 
     keys = jax.random.split(jax.random.key(0), 4)
     args = (jax.random.normal(keys[0], (120, 16)), jax.random.normal(keys[1], (6, 16, 8)),
@@ -168,7 +168,7 @@ def test_megablox_pads_rows_and_dims_and_runs_bfloat16(monkeypatch):
     """Rows that fill no whole tile (37 of 48), and D, F the kernels would not take whole (forced
     here by a small MEGABLOX_MAX_WHOLE: padded to 128 with zeros and sliced off); bfloat16 in and
     out, accumulated in float32: close to the float32 ragged dot of the same bfloat16 numbers."""
-    import k2jax.model.grouped_matmul as grouped
+    import k2jax.kernels.grouped_matmul as grouped
 
     monkeypatch.setattr(grouped, "MEGABLOX_MAX_WHOLE", 8)
     assert grouped._megablox_padded_dim(20) == 128 and grouped._megablox_padded_dim(256) == 256
@@ -197,8 +197,8 @@ def test_megablox_is_picked_and_compiled_for_tpu():
     """auto: tiled on CPU, megablox on TPU, ragged_dot on GPU. Traced for TPU on this CPU, the
     grouped SwiGLU and its gradient are Mosaic kernels (not interpreted), with tiles the presets'
     widths allow (the whole dim, or 128..512 dividing it) and rows tiles of 128..512."""
-    from k2jax.model.grouped_matmul import (_megablox_row_tile, _megablox_tile, _swiglu_megablox, grouped_matmul_impl,
-                                     swiglu_grouped)
+    from k2jax.kernels.grouped_matmul import _megablox_row_tile, _megablox_tile, _swiglu_megablox, swiglu_grouped
+    from k2jax.kernels.select import grouped_matmul_impl
     from k2jax.platform import lowering_for
 
     assert grouped_matmul_impl("auto") == "tiled"

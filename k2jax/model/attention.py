@@ -3,8 +3,8 @@
 The statistic QK-Clip needs, S_h = max over the batch and all unmasked
 (query, key) pairs of the scaled pre-softmax logit, is read off the logits the
 plain path materialises anyway, or off the running row maximum of the flash
-kernels (`flash_attention.py` on GPU, `flash_attention_tpu.py` on TPU), so it costs one
-reduction, not a second pass.
+kernels (k2jax/kernels: `flash_attention.py` on GPU, `flash_attention_tpu.py` on TPU), so it
+costs one reduction, not a second pass.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ExecutionConfig, ModelConfig
-from k2jax.model.flash_attention import MIN_BLOCK, flash_attend
-from k2jax.model.flash_attention_tpu import BLOCK as TPU_BLOCK
-from k2jax.model.flash_attention_tpu import flash_attend_tpu
+from k2jax.kernels.select import attention_kernel
+from k2jax.kernels.sharded_attention import attend_per_shard
 from k2jax.model.layers import RMSNorm, dtype_of, make_param
 from k2jax.model.rope import apply_rope, softmax_scale
-from k2jax.parallel.sharding import logical_spec, spec_axes
-from k2jax.platform import target_platform
 
 NEG_INF = -1e30  # finite, so fully masked (padding) rows never produce NaN
 
@@ -48,38 +45,6 @@ def attend(q, k, v, mask, scale):
     probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0)  # padding rows attend nowhere
     out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v)
     return out.reshape(b, t, h, v.shape[-1]), jax.lax.stop_gradient(max_logits)
-
-
-def attend_per_shard(kernel, q, k, v, segment_ids, scale):
-    """Run a fused attention kernel on each shard's own batch rows and heads.
-
-    A Pallas kernel is opaque to GSPMD, which would gather the whole batch onto every device
-    to run it. Attention is independent per (row, head), so under the mesh the layers are
-    traced for (`Transformer.__call__`'s mesh) each shard runs the kernel on its rows (batch axes) and
-    heads (tensor axis, when the key/value groups split the same way); the per-head max
-    logits are then maxed over the batch shards. Same contract as `attend` otherwise.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return kernel(q, k, v, segment_ids, scale)
-    b, _, h, _ = q.shape
-    batch = logical_spec(("batch",), (b,), mesh)[0]
-    heads = logical_spec(("heads",), (h,), mesh)[0]
-    head_shards = 1
-    for axis in spec_axes(heads):
-        head_shards *= mesh.shape[axis]
-    if k.shape[2] % head_shards:  # GQA groups that do not split like the query heads: keep heads whole
-        heads = None
-    if batch is None and heads is None:
-        return kernel(q, k, v, segment_ids, scale)
-    rows = jax.sharding.PartitionSpec(batch, None, heads, None)
-
-    def local(q, k, v, segment_ids):
-        out, max_logits = kernel(q, k, v, segment_ids, scale)
-        return out, jax.lax.pmax(max_logits, spec_axes(batch)) if batch is not None else max_logits
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, jax.sharding.PartitionSpec(batch, None)),
-                         out_specs=(rows, jax.sharding.PartitionSpec(heads)), check_vma=False)(q, k, v, segment_ids)
 
 
 class Attention(nnx.Module):
@@ -120,17 +85,6 @@ class Attention(nnx.Module):
             dv = dh
         self.wo = make_param(rngs, (h, dv, d), cfg, axes=("heads", "head_dim", "embed"),
                              in_axes=("heads", "head_dim"))
-
-    def _fused_kernel(self, seq_len):
-        """The fused attention for this platform (Triton on GPU, the library's Mosaic kernel on TPU,
-        the Triton kernel interpreted elsewhere), or None for the plain path."""
-        impl, platform = self.impl, target_platform()
-        if impl == "plain":
-            return None
-        kernel, block = (flash_attend_tpu, TPU_BLOCK) if platform == "tpu" else (flash_attend, MIN_BLOCK)
-        if impl == "auto" and (platform not in ("gpu", "tpu") or seq_len % block):
-            return None  # e.g. sampling at odd lengths falls back to the plain path
-        return kernel
 
     def _w(self, name):
         return getattr(self, name)[...].astype(dtype_of(self.cfg.compute_dtype))
@@ -180,7 +134,7 @@ class Attention(nnx.Module):
     def prefill(self, x, rope, segment_ids):
         """The training forward, plus these tokens' cache entries: y (B, T, D), max_logits (H,), entries."""
         q, k, v, entries = self._project(x, *rope)
-        fused = self._fused_kernel(x.shape[1])
+        fused = attention_kernel(self.impl, x.shape[1])
         if fused is not None:
             out, max_logits = attend_per_shard(fused, q, k, v, segment_ids, self.scale)
         else:

@@ -1,10 +1,10 @@
 """Mixture-of-Experts FFN: DeepSeek-V3 routing, dropless ragged dispatch, capacity dispatch.
 
 Routing is a pure function (`route`); expert compute either sorts token copies by
-expert and runs a grouped matmul (`grouped_matmul.py`; dropless, default; on a mesh that
-splits the tokens, under shard_map with explicit collectives: `expert_parallel.py`,
-which exchanges token copies over the expert axis when the experts are split over it
-and otherwise runs each shard's tokens locally) or packs them into
+expert and runs a grouped matmul (dropless, default; k2jax/kernels: `grouped_matmul.py`, and on a
+mesh that splits the tokens, under shard_map with explicit collectives, `expert_parallel.py`,
+which exchanges token copies over the expert axis when the experts are split over it and
+otherwise runs each shard's tokens locally; `select.py` picks) or packs them into
 fixed-capacity (E, C, D) buffers with one-hot einsums (the GSPMD expert-parallel
 form, which drops overflow).
 
@@ -27,10 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ExecutionConfig, ModelConfig
+from k2jax.kernels.expert_parallel import Experts
+from k2jax.kernels.select import expert_dispatch
 from k2jax.model.layers import SwiGLU, dtype_of, make_param
-from k2jax.model.expert_parallel import (Experts, dispatch_all_gather, dispatch_all_to_all, dispatch_local,
-                                         expert_parallel_specs, splits_experts)
-from k2jax.model.grouped_matmul import dispatch_ragged, grouped_matmul_impl
 from k2jax.model.stats import ForwardStats
 
 
@@ -174,23 +173,12 @@ class MoE(nnx.Module):
         weights = weights * vf[:, None]
         cdt = dtype_of(cfg.compute_dtype)
         experts = Experts(self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
-        mesh = jax.sharding.get_abstract_mesh()  # Transformer.__call__'s mesh (empty without one)
-        exchange = self.execution.expert_parallel
-        ep_specs = None
-        if moe.dispatch == "ragged" and exchange != "gspmd":
-            ep_specs = expert_parallel_specs(xf.shape[0], experts.gate.shape, mesh)
-        impl = grouped_matmul_impl(self.execution.grouped_matmul)
         if moe.dispatch == "capacity":
             y, dropped = dispatch_capacity(xf, ids, weights, vf, *experts, moe.capacity_factor)
-        elif ep_specs is None:
-            y, dropped = dispatch_ragged(xf, ids, weights, *experts, impl)
-        elif not splits_experts(ep_specs):
-            y, dropped = dispatch_local(xf, ids, weights, experts, mesh, ep_specs, impl)
-        elif exchange == "all_to_all":
-            y, dropped = dispatch_all_to_all(xf, ids, weights, experts, mesh, ep_specs, impl,
-                                             buffer_factor=self.execution.expert_buffer_factor)
-        else:
-            y, dropped = dispatch_all_gather(xf, ids, weights, experts, mesh, ep_specs, impl)
+        else:  # Transformer.__call__'s mesh (empty without one) decides how the experts run
+            dispatch = expert_dispatch(self.execution, xf.shape[0], experts.gate.shape,
+                                       jax.sharding.get_abstract_mesh())
+            y, dropped = dispatch(xf, ids, weights, experts)
         if self.shared is not None:
             y = y + self.shared(xf)
         vmask = vf.astype(jnp.float32)

@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from k2jax.config import MeshConfig
-from k2jax.model.attention import attend_per_shard
-from k2jax.model.flash_attention import flash_attend
+from k2jax.kernels.sharded_attention import attend_per_shard
+from k2jax.kernels.flash_attention import flash_attend
 from k2jax.parallel.sharding import make_mesh
 from k2jax.platform import lowering_for
 

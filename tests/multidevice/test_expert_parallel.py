@@ -13,9 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from k2jax.config import MeshConfig
-from k2jax.model.expert_parallel import (ExpertSpecs, Experts, buffer_rows, dispatch_all_gather, dispatch_all_to_all,
-                                         dispatch_local, expert_parallel_specs, splits_experts)
-from k2jax.model.grouped_matmul import dispatch_ragged
+from k2jax.kernels.expert_parallel import (ExpertSpecs, Experts, buffer_rows, dispatch_all_gather, dispatch_all_to_all,
+                                           dispatch_local, expert_parallel_specs, splits_experts)
+from k2jax.kernels.grouped_matmul import dispatch_ragged
 from k2jax.parallel.sharding import make_mesh
 from k2jax.platform import lowering_for
 

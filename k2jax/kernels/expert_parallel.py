@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from k2jax.model.grouped_matmul import dispatch_ragged, swiglu_grouped
+from k2jax.kernels.grouped_matmul import dispatch_ragged, swiglu_grouped
 from k2jax.parallel.ragged import ragged_all_to_all
 from k2jax.parallel.sharding import logical_spec, spec_axes
 

@@ -209,15 +209,6 @@ def swiglu_grouped(impl: str):
     return {"tiled": _swiglu_tiled, "megablox": _swiglu_megablox}.get(impl, _swiglu_ragged)
 
 
-def grouped_matmul_impl(choice: str) -> str:
-    """"ragged_dot", "tiled" or "megablox" for execution.grouped_matmul ("auto": tiled on CPU, where
-    ragged_dot is lowered densely over all experts; megablox on TPU, where ragged_dot's weight
-    gradient is; XLA's ragged dot on GPU)."""
-    if choice != "auto":
-        return choice
-    return {"cpu": "tiled", "tpu": "megablox"}.get(target_platform(), "ragged_dot")
-
-
 def dispatch_ragged(x, ids, weights, w_gate, w_up, w_down, impl: str = "ragged_dot"):
     """Dropless: x (N, D), ids/weights (N, K), expert weights (E, D, F)/(E, F, D) -> (N, D).
 
