@@ -22,7 +22,7 @@ def _skewed_logits(key, n=4096):
 
 
 def _loads(logits, bias):
-    ids, _ = route(logits, bias, CFG)
+    ids, _ = route(logits, bias, CFG.moe)
     return np.bincount(np.asarray(ids).reshape(-1), minlength=E)
 
 
@@ -107,12 +107,12 @@ def test_sequence_balance_loss_matches_formula_and_balances_by_gradient():
 def test_bias_steers_selection_but_never_the_combine_weights():
     logits = jax.random.normal(jax.random.key(3), (64, E))
     bias = jnp.linspace(-1.0, 1.0, E)
-    ids, weights = route(logits, bias, CFG)
-    assert not np.array_equal(ids, route(logits, jnp.zeros(E), CFG)[0])  # the bias changes the choice
+    ids, weights = route(logits, bias, CFG.moe)
+    assert not np.array_equal(ids, route(logits, jnp.zeros(E), CFG.moe)[0])  # the bias changes the choice
     picked = jnp.take_along_axis(jax.nn.sigmoid(logits), ids, axis=1)
     np.testing.assert_allclose(weights, picked / picked.sum(1, keepdims=True), rtol=1e-6)
     probe = jax.random.normal(jax.random.key(4), weights.shape)
-    grad = jax.grad(lambda b: jnp.sum(route(logits, b, CFG)[1] * probe))(bias)
+    grad = jax.grad(lambda b: jnp.sum(route(logits, b, CFG.moe)[1] * probe))(bias)
     np.testing.assert_array_equal(np.asarray(grad), 0.0)  # no path from the bias to the weights
 
 

@@ -52,7 +52,7 @@ def test_route_matches_reference(router, groups, top_groups):
     cfg = replace(CFG, {"moe.router": router, "moe.num_expert_groups": groups, "moe.top_groups": top_groups})
     logits = jax.random.normal(jax.random.key(0), (64, cfg.moe.num_experts)) * 2
     bias = jax.random.normal(jax.random.key(1), (cfg.moe.num_experts,)) * 0.3
-    ids, w = route(logits, bias, cfg)
+    ids, w = route(logits, bias, cfg.moe)
     ref_ids, ref_w = _np_route(logits, bias, cfg)
     np.testing.assert_array_equal(np.sort(np.asarray(ids), 1), np.sort(ref_ids, 1))
     order, ref_order = np.argsort(np.asarray(ids), 1), np.argsort(ref_ids, 1)
@@ -243,7 +243,7 @@ def test_ragged_gradients_match_dense_reference(grouped_matmul):
 
     def dense(m, x):
         xf = x.reshape(-1, cfg.d_model)
-        ids, w = route(xf @ m.router[...], m.bias[...], cfg)
+        ids, w = route(xf @ m.router[...], m.bias[...], cfg.moe)
         gates = jnp.zeros((xf.shape[0], cfg.moe.num_experts)).at[jnp.arange(xf.shape[0])[:, None], ids].add(w)
         h = jax.nn.silu(jnp.einsum("nd,edf->enf", xf, m.wi_gate[...])) * jnp.einsum("nd,edf->enf", xf, m.wi_up[...])
         y = jnp.einsum("enf,efd->end", h, m.wo[...])

@@ -16,7 +16,7 @@ from flax import nnx
 from k2jax.config import ExecutionConfig, ModelConfig
 from k2jax.kernels.select import attention_kernel
 from k2jax.kernels.sharded_attention import attend_per_shard
-from k2jax.model.layers import RMSNorm, dtype_of, make_param
+from k2jax.model.layers import ParamInit, RMSNorm, dtype_of, make_param
 from k2jax.model.rope import apply_rope, softmax_scale
 
 NEG_INF = -1e30  # finite, so fully masked (padding) rows never produce NaN
@@ -55,6 +55,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.impl = execution.attention_impl
         self.scale = softmax_scale(cfg)
+        init = ParamInit.of(cfg)
         att = cfg.attention
         d, h = cfg.d_model, att.num_heads
         qk = dict(in_axes=("embed",), stats_key=stats_key)
@@ -62,28 +63,28 @@ class Attention(nnx.Module):
             nope, rope, dv = att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
             q_roles = (("q_nope", nope), ("q_rope", rope))
             if att.q_lora_rank > 0:
-                self.wq_a = make_param(rngs, (d, att.q_lora_rank), cfg, axes=("embed", "q_lora"), in_axes=("embed",))
-                self.q_norm = RMSNorm(att.q_lora_rank, cfg, rngs)
-                self.wq_b = make_param(rngs, (att.q_lora_rank, h, nope + rope), cfg,
+                self.wq_a = make_param(rngs, (d, att.q_lora_rank), init, axes=("embed", "q_lora"), in_axes=("embed",))
+                self.q_norm = RMSNorm(att.q_lora_rank, cfg.rms_eps, init, rngs)
+                self.wq_b = make_param(rngs, (att.q_lora_rank, h, nope + rope), init,
                                        axes=("q_lora", "heads", "head_dim"), in_axes=("q_lora",), qk=q_roles,
                                        stats_key=stats_key)
             else:
-                self.wq = make_param(rngs, (d, h, nope + rope), cfg, axes=("embed", "heads", "head_dim"),
+                self.wq = make_param(rngs, (d, h, nope + rope), init, axes=("embed", "heads", "head_dim"),
                                      qk=q_roles, **qk)
-            self.wkv_a = make_param(rngs, (d, att.kv_lora_rank + rope), cfg, axes=("embed", "kv_lora"),
+            self.wkv_a = make_param(rngs, (d, att.kv_lora_rank + rope), init, axes=("embed", "kv_lora"),
                                     in_axes=("embed",))
-            self.kv_norm = RMSNorm(att.kv_lora_rank, cfg, rngs)
-            self.wkv_b = make_param(rngs, (att.kv_lora_rank, h, nope + dv), cfg,
+            self.kv_norm = RMSNorm(att.kv_lora_rank, cfg.rms_eps, init, rngs)
+            self.wkv_b = make_param(rngs, (att.kv_lora_rank, h, nope + dv), init,
                                     axes=("kv_lora", "heads", "head_dim"), in_axes=("kv_lora",),
                                     qk=(("k_nope", nope), ("v", dv)), stats_key=stats_key)
         else:
             dh, g = att.head_dim, att.num_kv_heads
-            self.wq = make_param(rngs, (d, h, dh), cfg, axes=("embed", "heads", "head_dim"), qk=(("q", dh),), **qk)
-            self.wk = make_param(rngs, (d, g, dh), cfg, axes=("embed", "kv_heads", "head_dim"), qk=(("k", dh),),
+            self.wq = make_param(rngs, (d, h, dh), init, axes=("embed", "heads", "head_dim"), qk=(("q", dh),), **qk)
+            self.wk = make_param(rngs, (d, g, dh), init, axes=("embed", "kv_heads", "head_dim"), qk=(("k", dh),),
                                  **qk)
-            self.wv = make_param(rngs, (d, g, dh), cfg, axes=("embed", "kv_heads", "head_dim"), in_axes=("embed",))
+            self.wv = make_param(rngs, (d, g, dh), init, axes=("embed", "kv_heads", "head_dim"), in_axes=("embed",))
             dv = dh
-        self.wo = make_param(rngs, (h, dv, d), cfg, axes=("heads", "head_dim", "embed"),
+        self.wo = make_param(rngs, (h, dv, d), init, axes=("heads", "head_dim", "embed"),
                              in_axes=("heads", "head_dim"))
 
     def _w(self, name):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,32 +18,43 @@ def dtype_of(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def make_param(rngs: nnx.Rngs, shape, cfg: ModelConfig, *, axes, kind="matrix", in_axes=(), qk=None,
-               stats_key=None, init="normal", std=None) -> nnx.Param:
+@dataclasses.dataclass(frozen=True)
+class ParamInit:
+    """How a layer creates its parameters: the stored dtype and the std of normal inits."""
+
+    dtype: str = "float32"
+    std: float = 0.02
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> ParamInit:
+        return cls(cfg.param_dtype, cfg.init_std)
+
+
+def make_param(rngs: nnx.Rngs, shape, init: ParamInit, *, axes, kind="matrix", in_axes=(), qk=None,
+               stats_key=None, fill="normal", std=None) -> nnx.Param:
     """An nnx.Param carrying k2jax metadata (see k2jax/params.py).
 
-    init: "normal" (std defaults to cfg.init_std), "ones" or "zeros".
+    fill: "normal" (std defaults to init.std), "ones" or "zeros".
     """
-    dtype = dtype_of(cfg.param_dtype)
-    if init == "normal":
-        value = jax.random.normal(rngs.params(), shape, jnp.float32) * (cfg.init_std if std is None else std)
-    elif init == "ones":
+    if fill == "normal":
+        value = jax.random.normal(rngs.params(), shape, jnp.float32) * (init.std if std is None else std)
+    elif fill == "ones":
         value = jnp.ones(shape, jnp.float32)
-    elif init == "zeros":
+    elif fill == "zeros":
         value = jnp.zeros(shape, jnp.float32)
     else:
-        raise ValueError(f"unknown init {init!r}")
+        raise ValueError(f"unknown fill {fill!r}")
     if len(axes) != len(shape):
         raise ValueError(f"axes {axes} do not match shape {shape}")
-    return nnx.Param(value.astype(dtype), **param_metadata(axes, kind, in_axes, qk, stats_key))
+    return nnx.Param(value.astype(dtype_of(init.dtype)), **param_metadata(axes, kind, in_axes, qk, stats_key))
 
 
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32."""
 
-    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.eps = cfg.rms_eps
-        self.scale = make_param(rngs, (dim,), cfg, axes=("norm",), kind="norm", init="ones")
+    def __init__(self, dim: int, eps: float, init: ParamInit, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = make_param(rngs, (dim,), init, axes=("norm",), kind="norm", fill="ones")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -52,10 +65,9 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table (V, D); `attend` gives tied output logits."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cdtype = dtype_of(cfg.compute_dtype)
-        self.table = make_param(rngs, (cfg.vocab_size, cfg.d_model), cfg, axes=("vocab", "embed"),
-                                kind="embedding", std=1.0)
+    def __init__(self, vocab_size: int, d_model: int, compute_dtype: str, init: ParamInit, rngs: nnx.Rngs):
+        self.cdtype = dtype_of(compute_dtype)
+        self.table = make_param(rngs, (vocab_size, d_model), init, axes=("vocab", "embed"), kind="embedding", std=1.0)
 
     def __call__(self, tokens):  # (B, T) -> (B, T, D)
         table = self.table[...]
@@ -73,11 +85,11 @@ class Embed(nnx.Module):
 class SwiGLU(nnx.Module):
     """Dense gated FFN: down(silu(x @ gate) * (x @ up))."""
 
-    def __init__(self, cfg: ModelConfig, ffn_dim: int, rngs: nnx.Rngs):
-        d = cfg.d_model
-        self.gate = make_param(rngs, (d, ffn_dim), cfg, axes=("embed", "mlp"), in_axes=("embed",))
-        self.up = make_param(rngs, (d, ffn_dim), cfg, axes=("embed", "mlp"), in_axes=("embed",))
-        self.down = make_param(rngs, (ffn_dim, d), cfg, axes=("mlp", "embed"), in_axes=("mlp",))
+    def __init__(self, d_model: int, ffn_dim: int, init: ParamInit, rngs: nnx.Rngs):
+        d = d_model
+        self.gate = make_param(rngs, (d, ffn_dim), init, axes=("embed", "mlp"), in_axes=("embed",))
+        self.up = make_param(rngs, (d, ffn_dim), init, axes=("embed", "mlp"), in_axes=("embed",))
+        self.down = make_param(rngs, (ffn_dim, d), init, axes=("mlp", "embed"), in_axes=("mlp",))
 
     def __call__(self, x):  # (..., D) -> (..., D)
         dt = x.dtype

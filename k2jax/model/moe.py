@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k2jax.config import ExecutionConfig, ModelConfig
+from k2jax.config import ExecutionConfig, ModelConfig, MoEConfig
 from k2jax.kernels.expert_parallel import Experts
 from k2jax.kernels.select import expert_dispatch
-from k2jax.model.layers import SwiGLU, dtype_of, make_param
+from k2jax.model.layers import ParamInit, SwiGLU, dtype_of, make_param
 from k2jax.model.stats import ForwardStats
 
 
@@ -37,10 +37,9 @@ class RouterBias(nnx.Variable):
     """Per-expert selection bias (E,) for aux-loss-free load balancing (not trained by gradients)."""
 
 
-def route(logits, bias, cfg: ModelConfig):
+def route(logits, bias, moe: MoEConfig):
     """Router logits (N, E) float32 -> expert ids (N, K) int32, combine weights (N, K) float32."""
     n, e = logits.shape
-    moe = cfg.moe
     k = moe.experts_per_token
     if moe.router == "sigmoid_bias":
         scores = jax.nn.sigmoid(logits)
@@ -113,10 +112,9 @@ def sign_bias(bias, expert_counts, rate):
     return bias + rate * jnp.sign(mean - expert_counts).astype(bias.dtype)
 
 
-def new_router_bias(bias, stats: ForwardStats, cfg: ModelConfig):
+def new_router_bias(bias, stats: ForwardStats, moe: MoEConfig):
     """The selection bias after a step, from that step's stats of this layer (`ForwardStats.layer`:
     expert_counts, balance_hist)."""
-    moe = cfg.moe
     if moe.router_balance == "quantile":
         return quantile_bias(stats.balance_hist, bias, moe.experts_per_token).astype(bias.dtype)
     if moe.router_balance == "sign":
@@ -154,13 +152,14 @@ class MoE(nnx.Module):
         self.execution = execution
         moe = cfg.moe
         d, e, f = cfg.d_model, moe.num_experts, moe.expert_ffn_dim
-        self.router = make_param(rngs, (d, e), cfg, axes=("embed", "experts"), kind="router")
+        init = ParamInit.of(cfg)
+        self.router = make_param(rngs, (d, e), init, axes=("embed", "experts"), kind="router")
         self.bias = RouterBias(jnp.zeros((e,), jnp.float32))
         expert_in = dict(axes=("experts", "embed", "expert_mlp"), in_axes=("embed",))
-        self.wi_gate = make_param(rngs, (e, d, f), cfg, **expert_in)
-        self.wi_up = make_param(rngs, (e, d, f), cfg, **expert_in)
-        self.wo = make_param(rngs, (e, f, d), cfg, axes=("experts", "expert_mlp", "embed"), in_axes=("expert_mlp",))
-        self.shared = SwiGLU(cfg, moe.num_shared_experts * f, rngs) if moe.num_shared_experts else None
+        self.wi_gate = make_param(rngs, (e, d, f), init, **expert_in)
+        self.wi_up = make_param(rngs, (e, d, f), init, **expert_in)
+        self.wo = make_param(rngs, (e, f, d), init, axes=("experts", "expert_mlp", "embed"), in_axes=("expert_mlp",))
+        self.shared = SwiGLU(d, moe.num_shared_experts * f, init, rngs) if moe.num_shared_experts else None
 
     def __call__(self, x, valid):
         cfg, moe = self.cfg, self.cfg.moe
@@ -169,7 +168,7 @@ class MoE(nnx.Module):
         vf = valid.reshape(-1)
         logits = xf.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # (N, E)
         bias = self.bias[...]
-        ids, weights = route(logits, bias, cfg)
+        ids, weights = route(logits, bias, moe)
         weights = weights * vf[:, None]
         cdt = dtype_of(cfg.compute_dtype)
         experts = Experts(self.wi_gate[...].astype(cdt), self.wi_up[...].astype(cdt), self.wo[...].astype(cdt))
@@ -189,7 +188,7 @@ class MoE(nnx.Module):
             hist = balance_histogram(scores, bias, vmask, moe.experts_per_token)
         stats = ForwardStats(
             expert_counts=counts,
-            aux_loss=(moe.aux_loss_coef * _balance_loss(logits, ids, counts, vmask, b, cfg)
+            aux_loss=(moe.aux_loss_coef * _balance_loss(logits, ids, counts, vmask, b, moe)
                       if moe.aux_loss_coef else jnp.zeros((), jnp.float32)),
             z_loss=moe.router_z_loss_coef * _z_loss(logits, vmask),
             dropped_fraction=jnp.asarray(dropped, jnp.float32),
@@ -198,7 +197,7 @@ class MoE(nnx.Module):
         return y.reshape(b, t, d).astype(x.dtype), stats
 
 
-def _balance_loss(logits, ids, counts, vmask, batch: int, cfg: ModelConfig):
+def _balance_loss(logits, ids, counts, vmask, batch: int, moe: MoEConfig):
     """Unscaled balance loss over valid tokens.
 
     softmax_topk: Switch-style E * sum_e f_e P_e over the batch, f_e the fraction of
@@ -207,7 +206,6 @@ def _balance_loss(logits, ids, counts, vmask, batch: int, cfg: ModelConfig):
     sum_e f_e P_e with f_e = E / (K T) * (tokens of the sequence picking e) and P_e the mean of
     e's score normalised over experts; only P_e carries gradient.
     """
-    moe = cfg.moe
     e, k = moe.num_experts, moe.experts_per_token
     if moe.router == "softmax_topk":
         n_valid = jnp.maximum(jnp.sum(vmask), 1.0)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from k2jax.config import ExecutionConfig, ModelConfig
 from k2jax.model.attention import Attention
-from k2jax.model.layers import Embed, RMSNorm, SwiGLU, make_param
+from k2jax.model.layers import Embed, ParamInit, RMSNorm, SwiGLU, make_param
 from k2jax.model.moe import MoE, new_router_bias
 from k2jax.model.rope import rope_tables
 from k2jax.model.stats import ForwardStats, over_layers
@@ -32,10 +32,11 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, *, moe: bool, stats_key: str, rngs: nnx.Rngs):
         self.is_moe = moe
-        self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        init = ParamInit.of(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, init, rngs)
         self.attn = Attention(cfg, stats_key=stats_key, rngs=rngs, execution=execution)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.ffn = MoE(cfg, rngs, execution) if moe else SwiGLU(cfg, cfg.dense_ffn_dim, rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, init, rngs)
+        self.ffn = MoE(cfg, rngs, execution) if moe else SwiGLU(cfg.d_model, cfg.dense_ffn_dim, init, rngs)
 
     def __call__(self, x, rope, segment_ids):
         x, stats, _ = self.prefill(x, rope, segment_ids)
@@ -83,12 +84,13 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: ExecutionConfig = ExecutionConfig()):
         self.cfg = cfg
         self.execution = execution
-        self.embed = Embed(cfg, rngs)
+        init = ParamInit.of(cfg)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, init, rngs)
         self.dense_layers = self._make_stack(DENSE, cfg.num_dense_layers, False, rngs)
         self.moe_layers = self._make_stack(MOE, cfg.num_moe_layers, True, rngs)
-        self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, init, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), cfg, axes=("embed", "vocab"),
+            self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), init, axes=("embed", "vocab"),
                                       kind="unembedding")
 
     def _make_stack(self, name, n, moe, rngs):
@@ -222,7 +224,7 @@ class Transformer(nnx.Module):
         if self.cfg.moe.router != "sigmoid_bias":
             return
         for key, block in self.moe_blocks():
-            block.ffn.bias.value = new_router_bias(block.ffn.bias.value, stats.layer(key), self.cfg)
+            block.ffn.bias.value = new_router_bias(block.ffn.bias.value, stats.layer(key), self.cfg.moe)
 
 
 def _traced_for(mesh):
