@@ -1,4 +1,4 @@
-"""How balanced can a token-choice router get on the default run's data? (README: Load balancing)
+"""How balanced can a token-choice router get on the default run's data? (docs/model.md: Load balancing)
 
 Trains the default run with Quantile Balancing and, at steps 30, 60 and 120, holds the weights
 fixed and solves the bias eight times on that step's own batch: the worst MoE layer's max/mean

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's accelerator goals, as separate stages of under
+# The GPU measurements behind the accelerator goals (docs/throughput.md), as separate stages of under
 # 10 minutes each; whole logs go to $OUT, the end of each is printed.
 #
 #   bash benchmarks/gpu_session.sh check       # versions; kernel tests on the real GPU (Triton flash, ragged dot)

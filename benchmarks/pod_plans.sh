@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's pod table: `k2jax plan` of medium, large and kimi-k2 on v5p slices (no TPU needed;
+# The pod table of docs/pods.md: `k2jax plan` of medium, large and kimi-k2 on v5p slices (no TPU needed;
 # hours on a 2-core CPU: kimi-k2's step is the longest compile). Each run writes OUT/NAME.json and
 # OUT/NAME.txt; `python benchmarks/plan_table.py OUT` prints the table.
 #   bash benchmarks/pod_plans.sh [OUT]          (default runs/pod_plans)

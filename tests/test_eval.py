@@ -242,12 +242,12 @@ def test_a_bad_eval_section_fails_before_anything_is_written(tmp_path):
 
 
 def test_a_resume_may_change_the_eval_section(run):
-    from k2jax.train.loop import _check_resumed_config
+    from k2jax.train.run_dir import check_resumed_config
 
     out, _ = run
-    _check_resumed_config(out / "checkpoints", _cfg(out, "eval.tasks=[]", "eval.every=1", "eval.max_bytes=null"))
+    check_resumed_config(out / "checkpoints", _cfg(out, "eval.tasks=[]", "eval.every=1", "eval.max_bytes=null"))
     with pytest.raises(ConfigError, match="data.seq_len"):
-        _check_resumed_config(out / "checkpoints", _cfg(out, "data.seq_len=32"))
+        check_resumed_config(out / "checkpoints", _cfg(out, "data.seq_len=32"))
 
 
 def test_sweep_results_and_analyze_pick_up_the_eval_metrics(tmp_path):

@@ -1,10 +1,8 @@
-"""The README's commands leave `git status` clean: every path a command of its ```bash blocks writes (run
-directories, corpora, exports, rephrased text, sweep results, reports, the venv), and every output directory the
-shipped experiment and sweep files name, is ignored by .gitignore (asked of `git check-ignore`, which reads
-only)."""
+"""The README's and the docs' commands leave `git status` clean: every path a command of the ```bash blocks of
+README.md and docs/*.md writes (run directories, corpora, exports, rephrased text, sweep results, reports, the
+venv), and every output directory the shipped experiment and sweep files name, is ignored by .gitignore (asked of
+`git check-ignore`, which reads only; tests/markdown_code.py reads the blocks)."""
 
-import re
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,9 +12,7 @@ import pytest
 from k2jax.cli import build_parser
 from k2jax.config import load_config
 from k2jax.sweep.grid import load_sweep
-
-ROOT = Path(__file__).parents[1]
-README = (ROOT / "README.md").read_text()
+from markdown_code import ROOT, k2jax_argv, shell_commands
 
 # what each `k2jax` command writes, from its parsed arguments (a new command needs an entry: the test says so)
 WRITES = {
@@ -50,29 +46,15 @@ MAKE_WRITES = {"train": [".venv/bin/python"], "test": [".venv/bin/python", ".pyt
                "venv": [".venv/bin/python"]}
 
 
-def _bash_commands() -> list[list[str]]:
-    """The words of every command line in the README's ```bash blocks, leading VAR=value assignments dropped."""
-    commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```$", README, flags=re.M | re.S):
-        for line in block.splitlines():
-            words = shlex.split(line, comments=True)
-            while words and "=" in words[0] and not words[0].startswith("-"):
-                words = words[1:]
-            if words:
-                commands.append(words)
-    return commands
-
-
 def _written(words: list[str]) -> list[str]:
-    """The paths a README command writes (relative to the repository root, where the README runs them)."""
+    """The paths a README or docs command writes (relative to the repository root, where the pages run them)."""
     if words[0] == "make":
         target = words[1] if len(words) > 1 else "train"
         assert target in MAKE_WRITES, f"{' '.join(words)}: teach tests/test_ignore.py what `make {target}` writes"
-        extra = [w.removeprefix("ARGS=") for w in words[2:] if w.startswith("ARGS=")]
-        k2jax = ["train", "experiments/default.yaml", *shlex.split(" ".join(extra))] if target == "train" else None
+        k2jax = k2jax_argv(["make", "train", *words[2:]]) if target == "train" else None
         return MAKE_WRITES[target] + (_written_by_k2jax(k2jax) if k2jax else [])
-    if words[0] == ".venv/bin/k2jax":
-        return _written_by_k2jax(words[1:])
+    if (k2jax := k2jax_argv(words)) is not None:
+        return _written_by_k2jax(k2jax)
     return []  # scripts (benchmarks/*.py write into a temporary directory) and other programs
 
 
@@ -85,9 +67,9 @@ def _written_by_k2jax(argv: list[str]) -> list[str]:
 def _outputs() -> dict[str, str]:
     """path -> where it comes from, for every path to keep out of `git status`."""
     outputs = {}
-    for words in _bash_commands():
+    for page, words in shell_commands():
         for path in _written(words):
-            outputs.setdefault(path, "README: " + " ".join(words)[:100])
+            outputs.setdefault(path, f"{page}: " + " ".join(words)[:100])
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         outputs.setdefault(load_config(path).train.out_dir + "/metrics.jsonl", str(path.relative_to(ROOT)))
     for path in sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")):
@@ -100,13 +82,13 @@ def _in_repository(path: str) -> bool:
 
 
 def test_readme_commands_and_experiments_write_only_ignored_paths(monkeypatch):
-    monkeypatch.chdir(ROOT)  # where the README's commands run, and what their relative paths mean
+    monkeypatch.chdir(ROOT)  # where the pages' commands run, and what their relative paths mean
     if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT,
                                                      capture_output=True).returncode:
         pytest.skip("not a git work tree")
     outputs = {p: why for p, why in _outputs().items() if _in_repository(p)}
     kinds = {p.split("/")[0] for p in outputs}
-    assert {"runs", "corpora", "hf", "rephrased", ".venv"} <= kinds, kinds  # the parsing found the README's outputs
+    assert {"runs", "corpora", "hf", "rephrased", ".venv"} <= kinds, kinds  # the parsing found the pages' outputs
     listed = subprocess.run(["git", "check-ignore", "--stdin"], cwd=ROOT, input="\n".join(outputs), text=True,
                             capture_output=True)
     assert listed.returncode in (0, 1), listed.stderr  # 1: none ignored

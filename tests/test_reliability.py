@@ -479,16 +479,16 @@ def test_resume_compares_a_setting_the_run_predates_with_the_value_it_trained_wi
     resumes, and its execution settings may change."""
     import yaml
 
-    from k2jax.train import loop
+    from k2jax.train import run_dir
 
     saved = yaml.safe_load((ROOT / "tests" / "data" / "config_before_split.yaml").read_text())
     del saved["model"]["router_balance"]
-    monkeypatch.setattr(loop, "saved_config", lambda ckpt_dir: (10, saved))
+    monkeypatch.setattr(run_dir, "saved_config", lambda ckpt_dir: (10, saved))
     default = ROOT / "experiments" / "default.yaml"
     byte_level = ["data.tokenizer=byte", "data.bpe_vocab_size=1024"]  # the data it trained on
     with pytest.raises(ConfigError, match=r"differ from the run's \(checkpoint step 10\): "
                                           r"model.moe.router_balance 'sign' -> 'quantile'\. "):
-        loop._check_resumed_config(tmp_path / "checkpoints", load_config(default, byte_level))
-    loop._check_resumed_config(tmp_path / "checkpoints", load_config(  # the rule it trained with: accepted
+        run_dir.check_resumed_config(tmp_path / "checkpoints", load_config(default, byte_level))
+    run_dir.check_resumed_config(tmp_path / "checkpoints", load_config(  # the rule it trained with: accepted
         default, ["model.moe.router_balance=sign", *byte_level, "execution.remat=full",
                   "execution.attention_impl=plain"]))

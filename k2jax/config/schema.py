@@ -3,11 +3,16 @@
 A run is one `Config`: what the model computes (`model`, with its `attention` and `moe` parts), how it is
 computed (`execution`), the optimizer, data, loop, checkpointing and device mesh. `load.py` builds one
 from YAML and `--set` overrides.
+
+Which settings a resumed run may change is declared here, once, by `_field(..., resume=...)` on a section
+of `Config` or on a field (which overrides its section's); `may_change_on_resume` reads it and
+`resume_table` renders it for the README.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal, Optional
 
 
@@ -20,6 +25,11 @@ class ConfigError(ValueError):
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field}: {message}")
+
+
+def _field(default=dataclasses.MISSING, *, resume: bool, default_factory=dataclasses.MISSING):
+    """A field (or section) declaring whether a resumed run may change it: `may_change_on_resume`."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"resume": resume})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +205,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionConfig:
-    """How the model is computed, which a resumed run may change: these change what it computes only
-    by float rounding (and expert_buffer_factor > 0 by the tokens it drops)."""
+    """How the model is computed: these change what it computes only by float rounding (and
+    expert_buffer_factor > 0 by the tokens it drops), so a resumed run may change them (`Config.execution`)."""
 
     # Recompute each block's activations in the backward pass: "full" (save nothing), "dots" (save the
     # matmul outputs), or "none".
@@ -208,7 +218,7 @@ class ExecutionConfig:
     # Ragged dispatch on a mesh with experts sharded over its expert axis, under shard_map:
     # all-gather the group's tokens + reduce-scatter (exact), or send each token copy to its
     # expert's shard and back (ragged all-to-all: ep/K times fewer bytes when ep > K); or left
-    # to GSPMD (slower; for comparison). See k2jax/model/expert_parallel.py.
+    # to GSPMD (slower; for comparison). See k2jax/kernels/expert_parallel.py.
     expert_parallel: Literal["all_gather", "all_to_all", "gspmd"] = "all_gather"
     # all_to_all receive buffer, in multiples of a shard's balanced inflow (tokens x K); copies
     # past a full buffer are dropped (dropped_fraction). 0: the worst case, never drops.
@@ -227,7 +237,7 @@ class ExecutionConfig:
 class OptimConfig:
     """Optimizer family, its hyper-parameters and the learning-rate schedule."""
 
-    name: Literal["muonclip", "muon", "adamw"] = "muonclip"
+    name: Literal["muonclip", "muon", "adamw"] = _field("muonclip", resume=False)  # its state's kind: fixed
     learning_rate: float = 2e-3
     adam_learning_rate: Optional[float] = None  # defaults to learning_rate (RMS matching)
     weight_decay: float = 0.1
@@ -316,15 +326,15 @@ class DataConfig:
 class TrainConfig:
     """The loop: steps, batch, evaluation and logging cadence."""
 
-    steps: int = 200
+    steps: int = _field(200, resume=True)
     batch_size: int = 16  # global, in rows of data.seq_len tokens
-    grad_accum: int = 1  # micro-batches per step; must divide batch_size
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 10
+    grad_accum: int = _field(1, resume=True)  # micro-batches per step; must divide batch_size
+    eval_every: int = _field(50, resume=True)
+    eval_batches: int = _field(4, resume=True)
+    log_every: int = _field(10, resume=True)
     seed: int = 0
-    out_dir: str = "runs/default"
-    progress: bool = True
+    out_dir: str = _field("runs/default", resume=True)
+    progress: bool = _field(True, resume=True)
 
     def __post_init__(self):
         _require(self.steps > 0, "train.steps", "must be positive")
@@ -352,7 +362,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Evaluations run during training (k2jax/eval; `k2jax eval` runs them on a checkpoint), logged as
-    eval/bpb/NAME and eval/TASK/{acc,acc_norm}. A resumed run may change this section."""
+    eval/bpb/NAME and eval/TASK/{acc,acc_norm}."""
 
     every: Optional[int] = None  # steps between evaluations (and at the last step); None: train.eval_every
     # text sets scored in bits per byte: "heldout" (the run's held-out split) or NAME=PATH
@@ -395,15 +405,51 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    execution: ExecutionConfig = dataclasses.field(default_factory=ExecutionConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """A run. Each section's `resume` holds for its fields that declare none: `may_change_on_resume`."""
+
+    model: ModelConfig = _field(default_factory=ModelConfig, resume=False)
+    execution: ExecutionConfig = _field(default_factory=ExecutionConfig, resume=True)
+    optim: OptimConfig = _field(default_factory=OptimConfig, resume=True)
+    data: DataConfig = _field(default_factory=DataConfig, resume=False)
+    train: TrainConfig = _field(default_factory=TrainConfig, resume=False)
+    checkpoint: CheckpointConfig = _field(default_factory=CheckpointConfig, resume=True)
+    mesh: MeshConfig = _field(default_factory=MeshConfig, resume=True)
+    eval: EvalConfig = _field(default_factory=EvalConfig, resume=True)
 
     def __post_init__(self):
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                  f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether a resumed run may change the setting at dotted `key` ("train.steps"): the `resume` declared on
+    its field, else on the nearest section above it (nothing declared: it must match the checkpoint)."""
+    cls, allowed = Config, False
+    for name in key.split("."):
+        field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+        if field is None:
+            break
+        allowed = field.metadata.get("resume", allowed)
+        cls = typing.get_type_hints(cls)[name]
+        cls = cls if dataclasses.is_dataclass(cls) else None
+    return allowed
+
+
+def _leaf_keys(cls: type, prefix: str) -> list[str]:
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys += _leaf_keys(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [prefix + name]
+    return keys
+
+
+def resume_table() -> str:
+    """Markdown table of what a resumed run may change, per section, from the `resume` declarations (the
+    README's "Kills, resumes and errors" holds it; tests/test_readme.py checks it is current)."""
+    rows = ["| section | may a resumed run change it? |", "|---|---|"]
+    for section in dataclasses.fields(Config):
+        keys = _leaf_keys(typing.get_type_hints(Config)[section.name], f"{section.name}.")
+        fixed = [k for k in keys if not may_change_on_resume(k)]
+        answer = ("no" if len(fixed) == len(keys) else "yes" if not fixed else
+                  "all but " + ", ".join(f"`{k}`" for k in fixed))
+        rows.append(f"| `{section.name}` | {answer} |")
+    return "\n".join(rows) + "\n"

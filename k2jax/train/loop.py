@@ -1,9 +1,8 @@
 """The training loop: data -> jitted step -> metrics, evaluation and checkpoints.
 
 `train(cfg, resume=...)` is what `k2jax train` runs, in every process of a
-multi-process job. A run directory holds config.yaml, the tokenizer,
-metrics.jsonl, tb/, checkpoints/ and, at the end, curves.png and summary.json;
-process 0 writes all but the checkpoints, which every process writes together.
+multi-process job, into a run directory (`run_dir`); each logged step's record
+is built and written by `metrics`.
 
 `train` runs named set-up phases (run directory, data, state and batches, run
 files, restore, compile), then `_Steps`, whose loop follows each train step with
@@ -14,11 +13,8 @@ evaluations, metrics, load monitor, progress bar, summary, checkpoint), then wri
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,11 +22,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
-import yaml
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from k2jax.config import Config, ConfigError, from_dict, to_dict, with_legacy_values
+from k2jax.config import Config, ConfigError, to_dict
 from k2jax.data import corpus as corpus_lib
 from k2jax.data import mixture, pipeline, prepared, tokenizer as tokenizer_lib
 from k2jax.eval import suite as suite_lib
@@ -38,9 +33,9 @@ from k2jax.eval.scoring import ModelParts
 from k2jax.model import flops as flops_lib
 from k2jax.parallel import distributed
 from k2jax.parallel.sharding import batch_sharding
-from k2jax.train.checkpoint import (Checkpointer, CheckpointError, PreemptionFlag, finished_steps, imported_from,
-                                    saved_config, warn)
-from k2jax.train.metrics import LoadMonitor, MetricsWriter, plot_run
+from k2jax.train.checkpoint import Checkpointer, CheckpointError, PreemptionFlag, warn
+from k2jax.train.metrics import LoadMonitor, MetricsWriter, Throughput, source_record, step_record
+from k2jax.train.run_dir import check_resumed_config, prepare_run_dir, write_results, write_run_files
 from k2jax.train.step import (abstract_batch, abstract_state, abstract_train_state, init_train_state, make_eval_step,
                               make_train_step)
 
@@ -59,48 +54,7 @@ class Preempted(RuntimeError):
     exit_code = 143  # of the CLI: 128 + SIGTERM
 
 
-# What a resumed run may change: how it executes, how long it runs, what it logs, evaluates and keeps, and the
-# optimizer's settings (not its kind, whose state would not match). Everything else must match the
-# checkpoint: the model's math and its data.
 DROP_WARNING = 0.05  # a layer dropping more of its token copies than this is said once
-
-_RESUMABLE_TRAIN = {"steps", "grad_accum", "eval_every", "eval_batches", "log_every", "progress", "out_dir"}
-
-
-def _resumable(key: str) -> bool:
-    section, _, name = key.partition(".")
-    return (section in ("execution", "mesh", "checkpoint", "eval") or (section == "train" and name in _RESUMABLE_TRAIN)
-            or (section == "optim" and name != "name"))
-
-
-def _prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, Path]:
-    """Check train.out_dir before anything is written: a directory or nothing, writable, holding a finished
-    checkpoint exactly when resuming."""
-    out = Path(cfg.train.out_dir)
-    ckpt_dir = out / "checkpoints"
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "train.out_dir is a file, not a directory; choose another "
-                                 "train.out_dir", str(out))
-    steps = finished_steps(ckpt_dir)
-    if resume and not steps:
-        raise CheckpointError(f"--resume: {ckpt_dir} holds no checkpoint that finished saving; start the run "
-                              f"without --resume")
-    if not resume and steps:
-        raise ConfigError(f"train.out_dir: {out} already holds checkpoints (steps {steps}); pass --resume to "
-                          f"continue it, or set train.out_dir to a new directory (nothing was changed)")
-    if distributed.is_primary():
-        _check_writable(next(p for p in (out, *out.parents) if p.exists()))
-    return out, ckpt_dir
-
-
-def _check_writable(directory: Path) -> None:
-    probe = directory / f".k2jax-write-check-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write in train.out_dir ({e.strerror})", str(directory)) from e
-
 
 def _data(cfg: Config, out: Path, resume: bool, init_from: str | None):
     """(this process's train chunks (a mixture.Sources for data.sources), held-out chunks, tokenizer, held-out
@@ -137,36 +91,6 @@ def _data(cfg: Config, out: Path, resume: bool, init_from: str | None):
     return train_chunks, heldout_chunks, tok, heldout_docs
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _check_resumed_config(ckpt_dir: Path, cfg: Config) -> None:
-    """Refuse a resume whose config changes more than `_resumable` keys, before anything is restored."""
-    step, saved = saved_config(ckpt_dir)
-    try:
-        # keys added since the run started: the value it trained with where known, else today's default
-        old = _flat(to_dict(from_dict(Config, with_legacy_values(saved))))
-    except ConfigError as e:
-        raise CheckpointError(f"--resume: the config saved with step {step} does not load in this version of "
-                              f"k2jax ({e})") from e
-    new = _flat(to_dict(cfg))
-    imported = imported_from(ckpt_dir, step)  # an imported checkpoint fixes only the model
-    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not (_resumable(k) or (imported and not k.startswith("model.")))]
-    if diff:
-        raise ConfigError(f"--resume: these settings differ from the run's (checkpoint step {step}): "
-                          f"{'; '.join(diff)}. A resumed run keeps its model, data and optimizer kind (execution, "
-                          f"optimizer, length, logging, evaluation, checkpoint and mesh settings may change); use a "
-                          f"new train.out_dir for a new run. Nothing was changed")
-
-
 def _host(tree):
     return jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(tree))
 
@@ -186,16 +110,16 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None) ->
 
     The set-up phases, in this order in every process, then the steps (`_Steps`), then the results."""
     started = time.perf_counter()
-    out, ckpt_dir = _prepare_run_dir(cfg, resume)
+    out, ckpt_dir = prepare_run_dir(cfg, resume)
     if resume:
-        _check_resumed_config(ckpt_dir, cfg)
+        check_resumed_config(ckpt_dir, cfg)
     train_chunks, heldout_chunks, tok, heldout_docs = _data(cfg, out, resume, init_from)
     suite = _eval_suite(cfg, tok, heldout_docs)
     setup, state = _initial_state(cfg, resume, init_from)
     distributed.check_tensor_axis_within_processes(setup.mesh.devices)
     batches = _batches(cfg, setup, train_chunks, heldout_chunks)
     if distributed.is_primary():  # the run is accepted: the first writes
-        _write_run_files(cfg, out, tok, resume)
+        write_run_files(cfg, out, tok, resume)
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, clean=True)
     if resume:
         state = _restore(ckpt, setup, state, batches.train)
@@ -207,7 +131,7 @@ def train(cfg: Config, *, resume: bool = False, init_from: str | None = None) ->
                      _eval_runner(cfg, setup, suite)).run()
     summary["wall_time_s"] = time.perf_counter() - started  # this invocation only, when resumed
     if distributed.is_primary():
-        _write_results(cfg, out, summary)
+        write_results(cfg, out, summary)
     return summary
 
 
@@ -266,14 +190,6 @@ def _batches(cfg: Config, setup, train_chunks, heldout_chunks) -> _Batches:
     return _Batches(sharding, train_iter, held_out)
 
 
-def _write_run_files(cfg: Config, out: Path, tok, resume: bool) -> None:
-    """Process 0's first writes: the run directory, its tokenizer (kept when resuming) and config.yaml."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (resume and (out / "tokenizer").exists()):
-        tok.save(out / "tokenizer")
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
 def _restore(ckpt: Checkpointer, setup, state: dict, train_iter) -> dict:
     """The newest readable checkpoint's state, with the data iterator moved to where it was; newer, unreadable
     checkpoints are set aside."""
@@ -326,7 +242,7 @@ class _Steps:
             self._nothing_to_train()
         self.bar = tqdm(total=cfg.train.steps, initial=self.start,
                         disable=not (cfg.train.progress and self.primary), dynamic_ncols=True)
-        self.throughput = _Throughput()
+        self.throughput = Throughput()
         self.hooks: list[tuple[str, Callable[[_StepInfo], None]]] = [  # (when: a key of `_due`, what)
             ("log", self._check_finite),
             ("log", self._record),
@@ -385,10 +301,10 @@ class _Steps:
     def _record(self, info: _StepInfo) -> None:
         """The step's metrics, the throughput since the last record and MFU, into the record."""
         tokens_per_s, step_time = self.throughput.measure()
-        info.record.update(_log_record(info.host, tokens_per_s, self.flops_per_token, self.peak),
+        info.record.update(step_record(info.host, tokens_per_s, self.flops_per_token, self.peak),
                            step_time=step_time)
         if isinstance(self.batches.train, mixture.MixtureIterator):
-            info.record.update(_source_record(self.cfg, self.batches.train))
+            info.record.update(source_record(self.cfg, self.batches.train))
 
     def _evaluate(self, info: _StepInfo) -> None:
         """The held-out loss, into the record."""
@@ -489,34 +405,6 @@ def _due(cfg: Config, step: int, stop: bool) -> set[str]:
     return due
 
 
-class _Throughput:
-    """Tokens per second and seconds per step over a window of steps."""
-
-    def __init__(self):
-        self.restart()
-
-    def restart(self) -> None:
-        self.tokens, self.steps, self.start = 0.0, 0, time.perf_counter()
-
-    def count(self, tokens: int) -> None:
-        self.tokens += tokens
-        self.steps += 1
-
-    def measure(self) -> tuple[float, float]:
-        """(tokens/s, s/step) over the window, which restarts."""
-        elapsed = time.perf_counter() - self.start
-        rates = self.tokens / max(elapsed, 1e-9), elapsed / max(self.steps, 1)
-        self.restart()
-        return rates
-
-
-def _write_results(cfg: Config, out: Path, summary: dict) -> None:
-    """Process 0's last writes: curves.png and summary.json."""
-    plot_run(out / "metrics.jsonl", out / "curves.png",
-             tau=cfg.optim.qk_clip_tau if cfg.optim.name == "muonclip" else None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
 def _diverged(step: int, loss: float, ckpt: Checkpointer) -> TrainingDiverged:
     ckpt.wait()  # a save in flight is a good state: every saved step passed this check
     last = ckpt.latest_step()
@@ -558,28 +446,3 @@ def _own_iterator_state(data_state: dict) -> dict:
                               f"{jax.process_count()}; resume with the process count it was saved with (the "
                               f"mesh shape may change)")
     return states[jax.process_index()]
-
-
-def _source_record(cfg: Config, train: mixture.MixtureIterator) -> dict:
-    """data/tokens/NAME and data/epochs/NAME: tokens trained on so far per source, over all processes (a
-    collective: every process calls it at the same steps), and what they are in passes over its train split."""
-    per_process = distributed.allgather_json({"tokens": train.tokens.tolist(), "pairs": train.pairs})
-    tokens = np.sum([p["tokens"] for p in per_process], axis=0)
-    pairs = np.sum([p["pairs"] for p in per_process], axis=0)
-    record = {}
-    for source, seen, total in zip(cfg.data.sources, tokens, pairs):
-        record[f"data/tokens/{source.label}"] = int(seen)
-        record[f"data/epochs/{source.label}"] = float(seen / max(total, 1))
-    return record
-
-
-def _log_record(host: dict, tokens_per_s: float, flops_per_token: float, peak) -> dict:
-    record = {
-        "loss": host["loss"], "grad_norm": host["grad_norm"], "learning_rate": host["learning_rate"],
-        "tokens_per_s": tokens_per_s,
-        **host["stats"].log(),  # every logged ForwardStats field (k2jax.model.stats)
-        **{k: host[k] for k in ("clipped_heads", "min_gamma") if k in host},
-    }
-    if peak:
-        record["mfu"] = flops_lib.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak)
-    return record

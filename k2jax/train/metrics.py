@@ -1,8 +1,9 @@
-"""Metrics to JSONL and TensorBoard, and the end-of-run PNG of loss and max logits.
+"""A logged step's record, written to JSONL and TensorBoard, and the end-of-run PNG of loss and max logits.
 
-One JSON object per logged step in metrics.jsonl ("step" plus the metrics;
-nested dicts and lists kept, non-finite numbers written as null). Every
-scalar, and every element of a list, also goes to TensorBoard under tb/.
+The training loop builds each logged step's record from `step_record` (its metrics, `Throughput`'s
+tokens/s and MFU) and, for a data mixture, `source_record`. One JSON object per logged step in
+metrics.jsonl ("step" plus the metrics; nested dicts and lists kept, non-finite numbers written as
+null). Every scalar, and every element of a list, also goes to TensorBoard under tb/.
 `plot_run` reads "loss", "eval_loss", "max_logit_per_layer" (a list, one
 value per layer in model order), the expert loads and the `eval` section's
 "eval/bpb/NAME" and "eval/TASK/acc" / "acc_norm".
@@ -18,7 +19,12 @@ import struct
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from k2jax.config import Config
+from k2jax.model import flops as flops_lib
+from k2jax.parallel import distributed
 
 
 def _plain(value):
@@ -127,6 +133,55 @@ def _tf_record(data: bytes) -> bytes:
 
     header = struct.pack("<Q", len(data))
     return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def step_record(host: dict, tokens_per_s: float, flops_per_token: float, peak) -> dict:
+    """A logged step's train metrics (host: as Python values), its tokens/s and, where the device's peak FLOP/s
+    is known, MFU."""
+    record = {
+        "loss": host["loss"], "grad_norm": host["grad_norm"], "learning_rate": host["learning_rate"],
+        "tokens_per_s": tokens_per_s,
+        **host["stats"].log(),  # every logged ForwardStats field (k2jax.model.stats)
+        **{k: host[k] for k in ("clipped_heads", "min_gamma") if k in host},
+    }
+    if peak:
+        record["mfu"] = flops_lib.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak)
+    return record
+
+
+def source_record(cfg: Config, train) -> dict:
+    """data/tokens/NAME and data/epochs/NAME of a mixture.MixtureIterator: tokens trained on so far per source,
+    over all processes (a collective: every process calls it at the same steps), and what they are in passes
+    over its train split."""
+    per_process = distributed.allgather_json({"tokens": train.tokens.tolist(), "pairs": train.pairs})
+    tokens = np.sum([p["tokens"] for p in per_process], axis=0)
+    pairs = np.sum([p["pairs"] for p in per_process], axis=0)
+    record = {}
+    for source, seen, total in zip(cfg.data.sources, tokens, pairs):
+        record[f"data/tokens/{source.label}"] = int(seen)
+        record[f"data/epochs/{source.label}"] = float(seen / max(total, 1))
+    return record
+
+
+class Throughput:
+    """Tokens per second and seconds per step over a window of steps."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.tokens, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def measure(self) -> tuple[float, float]:
+        """(tokens/s, s/step) over the window, which restarts."""
+        elapsed = time.perf_counter() - self.start
+        rates = self.tokens / max(elapsed, 1e-9), elapsed / max(self.steps, 1)
+        self.restart()
+        return rates
 
 
 class LoadMonitor:
