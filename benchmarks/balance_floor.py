@@ -43,7 +43,7 @@ def main():
             counts = np.asarray(stats.expert_counts["moe_layers"], np.float64)
             loads.append(np.round(counts.max(-1) / counts.mean(-1), 2).tolist())
             ffn = model_state["moe_layers"]["ffn"]
-            ffn["bias"] = new_router_bias(ffn["bias"], stats.layer("moe_layers"), cfg.model)
+            ffn["bias"] = new_router_bias(ffn["bias"], stats.layer("moe_layers"), cfg.model.moe)
         _, counts = np.unique(np.asarray(batch["inputs"]), return_counts=True)
         print(f"step {t}: max/mean per MoE layer {loads[0]} -> {loads[-1]} after {SOLVES} solves on the same "
               f"batch; most common byte {counts.max() / counts.sum():.1%} of the batch", flush=True)
