@@ -149,6 +149,7 @@ class PoolTables:
 
 
 def pool_tables(pool: Pool, mesh) -> PoolTables:
+    """The pool's static bookkeeping on this mesh (every device's offsets and sizes)."""
     n_r = math.prod(mesh.shape[a] for a in pool.replicas)
     n_s = math.prod(mesh.shape[a] for a in pool.senders)
     r_of, s_of = _coords(mesh, pool.replicas), _coords(mesh, pool.senders)
@@ -170,32 +171,36 @@ def pool_tables(pool: Pool, mesh) -> PoolTables:
     chunk_start = np.cumsum(chunk_size, axis=1) - chunk_size
     slots = tuple(int(c) for c in count.max(axis=(1, 2)))
     capacity = int(max(np.max(offset[l] + slots[l] * sizes[l]) for l in range(len(sizes))))
-    return PoolTables(tuple(order), tuple(tuple(s) for s in start), np.cumsum(bucket_size) - bucket_size, bucket_size,
-                   chunk_start, chunk_size, count, offset, slots, capacity)
+    return PoolTables(tuple(order), tuple(tuple(s) for s in start), np.cumsum(bucket_size) - bucket_size,
+                      bucket_size, chunk_start, chunk_size, count, offset, slots, capacity)
+
+
+def _piece_order(leaf: PooledLeaf, senders) -> tuple[list[int], list[int]]:
+    """Axis labels of (*sender axes, k, *piece): 0..n-1 the sender axes, n the slot, n+1+d piece dim d.
+    Returns the sender axes that split no matrix dim (size 1), and the order that puts each matrix
+    dim's splitting axes (outer first) before its piece: (k, [axes, piece] per dim)."""
+    n = len(senders)
+    used = {a for axes in leaf.splits for a in axes}
+    order = [n]
+    for dim, axes in enumerate(leaf.splits):
+        order += [senders.index(a) for a in axes] + [n + 1 + dim]
+    return [i for i in range(n) if senders[i] not in used], order
 
 
 def _assemble(block, leaf: PooledLeaf, senders, mesh):
     """(S, k, *piece) pieces in sender order -> (k, *matrix) whole matrices."""
-    sizes = [mesh.shape[a] for a in senders]
-    x = block.reshape(sizes + list(block.shape[1:]))
-    n = len(senders)
-    order = [n]
-    for dim, axes in enumerate(leaf.splits):
-        order += [senders.index(a) for a in axes] + [n + 1 + dim]
-    unused = [i for i in range(n) if senders[i] not in {a for axes in leaf.splits for a in axes}]
+    unused, order = _piece_order(leaf, senders)
+    x = block.reshape([mesh.shape[a] for a in senders] + list(block.shape[1:]))
     x = jnp.transpose(x, unused + order)  # unused sender axes have size 1
     return x.reshape((block.shape[1],) + leaf.matrix)
 
 
 def _disassemble(matrices, leaf: PooledLeaf, senders, mesh):
     """(k, *matrix) -> (S, k, *piece), the inverse of `_assemble`."""
-    n = len(senders)
-    used = {a for axes in leaf.splits for a in axes}
-    unused = [i for i in range(n) if senders[i] not in used]
-    shape, order = [matrices.shape[0]], [n]
+    unused, order = _piece_order(leaf, senders)
+    shape = [matrices.shape[0]]
     for dim, axes in enumerate(leaf.splits):
         shape += [mesh.shape[a] for a in axes] + [leaf.piece[dim]]
-        order += [senders.index(a) for a in axes] + [n + 1 + dim]
     x = matrices.reshape((1,) * len(unused) + tuple(shape))  # axes labelled unused + order
     x = jnp.transpose(x, np.argsort(unused + order))  # (*sender axes, k, *piece)
     return x.reshape((math.prod(mesh.shape[a] for a in senders), matrices.shape[0]) + leaf.piece)
