@@ -25,6 +25,8 @@ def test_layers_are_kept_summed_or_averaged_by_their_rule():
     assert float(stats.dropped_fraction) == pytest.approx(0.3)  # mean over MoE layers
     np.testing.assert_array_equal(stats.layer("moe_layers.1").expert_counts, [2.0, 2.0])
     assert stats.layer("moe_layers.1").balance_hist is None
+    logged = stats.logged()  # what the train step hands the host: no unlogged field
+    assert logged.balance_hist is None and logged.log() == stats.log()
 
 
 def test_micro_batches_merge_by_max_sum_and_mean():

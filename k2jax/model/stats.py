@@ -101,6 +101,10 @@ class ForwardStats:
         """The "keep" fields' values at one stats key (None where that layer made none)."""
         return ForwardStats(**{n: getattr(self, n).get(key) for n, r in _RULES.items() if r["layers"] == "keep"})
 
+    def logged(self) -> ForwardStats:
+        """This record with only the fields that have log entries (what a train step hands the host)."""
+        return self.replace(**{name: None for name, rules in _RULES.items() if rules["log"] is None})
+
     def log(self) -> dict:
         """The metrics.jsonl entries of a record whose values are on the host."""
         entries = {}

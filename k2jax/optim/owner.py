@@ -202,10 +202,12 @@ def plan_owners(infos, leaves, mesh, steps: int):
     """Who orthogonalises what: (per-leaf [(index among leaves, layout, rotation)], pools of the
     leaves whose stacks would pad (`owner_pool.py`), and every device's Newton-Schulz FLOPs)."""
     flat_infos = jax.tree.leaves(infos, is_leaf=is_info)
-    found = _layouts(infos, leaves, mesh)
-    own = [(i, layout) for i, layout in found if not poolable(layout, flat_infos[i], mesh)]
-    pooled = [pooled_leaf(i, layout, leaves[i].shape, mesh) for i, layout in found
-              if poolable(layout, flat_infos[i], mesh)]
+    own, pooled = [], []
+    for i, layout in _layouts(infos, leaves, mesh):
+        if poolable(layout, flat_infos[i], mesh):
+            pooled.append(pooled_leaf(i, layout, leaves[i].shape, mesh))
+        else:
+            own.append((i, layout))
     rotations, load = assign_owners([layout for _, layout in own], mesh, steps)
     itemsize = max((np.dtype(leaves[leaf.index].dtype).itemsize for leaf in pooled), default=4)
     pools = assign_pools(pooled, mesh, steps, load, itemsize)

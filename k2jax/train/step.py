@@ -227,7 +227,7 @@ def make_train_step(cfg: Config, setup: TrainSetup):
             "params_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)])),
             "learning_rate": schedule(state["step"]),
             "tokens": n_valid,
-            "stats": stats,  # the batch's ForwardStats
+            "stats": stats.logged(),  # the batch's ForwardStats, less what is never logged (balance_hist)
             **qk_clip_metrics(opt_state),
         }
         return new_state, metrics
